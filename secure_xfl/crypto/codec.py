@@ -1,0 +1,203 @@
+"""Update codec: named tensors ↔ deterministic layout ↔ flat vector ↔ CKKS chunks.
+
+Both sides derive the same :class:`TensorLayout` from the model and compare its
+digest, so a ciphertext can only ever be summed with, or decoded into, the
+exact tensors it was made from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tenseal as ts
+import torch
+
+from secure_xfl.crypto.context import CKKSPreset
+from secure_xfl.crypto.errors import CodecError, EnvelopeError, LayoutMismatch
+
+#: Upper bound on the elements of one update (2^31: a 2-billion-parameter trainable part).
+MAX_ELEMENTS = 2**31
+#: Bound on tensors per layout and on a tensor name's length.
+MAX_TENSORS = 100_000
+MAX_NAME_LEN = 512
+
+_FLOAT_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor in a layout."""
+
+    name: str
+    """Key in the state dict."""
+    shape: tuple[int, ...]
+    """Tensor shape."""
+    dtype: str
+    """torch dtype name without the ``torch.`` prefix; floating point only."""
+
+    @property
+    def numel(self) -> int:
+        """Element count."""
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Ordered tensor specs (sorted by name) and their digest."""
+
+    specs: tuple[TensorSpec, ...]
+    """The tensors, sorted by name so every party orders them alike."""
+
+    @property
+    def numel(self) -> int:
+        """Total elements of the flat vector."""
+        return sum(s.numel for s in self.specs)
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 over the canonical JSON of the specs."""
+        canon = json.dumps(
+            [[s.name, list(s.shape), s.dtype] for s in self.specs], separators=(",", ":")
+        )
+        return hashlib.sha256(b"secure-xfl/layout/v1\0" + canon.encode()).digest()
+
+    def num_chunks(self, slots: int) -> int:
+        """Ciphertexts needed at ``slots`` values each."""
+        return -(-self.numel // slots)
+
+    def check(self, other_digest: bytes) -> None:
+        """Raise :class:`LayoutMismatch` when a peer's layout digest differs."""
+        if other_digest != self.digest:
+            raise LayoutMismatch(
+                f"layout digest {other_digest.hex()[:16]}… does not match ours "
+                f"{self.digest.hex()[:16]}…"
+            )
+
+
+def layout_of(tensors: Mapping[str, torch.Tensor]) -> TensorLayout:
+    """Derive the layout of a mapping of named floating-point tensors."""
+    if not tensors:
+        raise CodecError("update is empty: no tensors")
+    if len(tensors) > MAX_TENSORS:
+        raise CodecError(f"more than {MAX_TENSORS} tensors")
+    specs = []
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LEN:
+            raise CodecError(f"tensor name must be a non-empty string ≤ {MAX_NAME_LEN} chars")
+        if not isinstance(t, torch.Tensor):
+            raise CodecError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in _FLOAT_DTYPES:
+            raise CodecError(f"{name}: dtype {dtype} is not floating point")
+        specs.append(TensorSpec(name, tuple(int(d) for d in t.shape), dtype))
+    layout = TensorLayout(tuple(specs))
+    if layout.numel == 0:
+        raise CodecError("update is empty: zero elements")
+    if layout.numel > MAX_ELEMENTS:
+        raise CodecError(f"update has {layout.numel} elements, more than {MAX_ELEMENTS}")
+    return layout
+
+
+def flatten(tensors: Mapping[str, torch.Tensor], layout: TensorLayout) -> np.ndarray:
+    """Concatenate tensors in layout order into one float64 vector; rejects NaN/Inf."""
+    if layout_of(tensors) != layout:
+        raise LayoutMismatch("tensors do not match the expected layout")
+    out = np.empty(layout.numel, dtype=np.float64)
+    pos = 0
+    for spec in layout.specs:
+        t = tensors[spec.name].detach().to("cpu", torch.float64).reshape(-1)
+        out[pos : pos + spec.numel] = t.numpy()
+        pos += spec.numel
+    if not np.isfinite(out).all():
+        bad = next(s.name for s in layout.specs if not torch.isfinite(tensors[s.name]).all())
+        raise CodecError(f"{bad}: update contains NaN or Inf")
+    return out
+
+
+def unflatten(vec: np.ndarray, layout: TensorLayout) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`flatten`: named tensors with the layout's shapes and dtypes."""
+    if vec.ndim != 1 or vec.shape[0] != layout.numel:
+        raise LayoutMismatch(f"vector of {vec.shape} does not fit a layout of {layout.numel}")
+    out: dict[str, torch.Tensor] = {}
+    pos = 0
+    for spec in layout.specs:
+        piece = torch.from_numpy(np.ascontiguousarray(vec[pos : pos + spec.numel]))
+        out[spec.name] = piece.reshape(spec.shape).to(_FLOAT_DTYPES[spec.dtype])
+        pos += spec.numel
+    return out
+
+
+def chunks(vec: np.ndarray, slots: int) -> Iterator[np.ndarray]:
+    """Views of ``vec`` of at most ``slots`` elements (the last may be shorter)."""
+    for start in range(0, vec.shape[0], slots):
+        yield vec[start : start + slots]
+
+
+def encrypt_vector(ctx: ts.Context, vec: np.ndarray, preset: CKKSPreset) -> list[bytes]:
+    """Encrypt a flat vector under the public key as serialised CKKS chunks."""
+    if vec.ndim != 1 or vec.shape[0] == 0:
+        raise CodecError("cannot encrypt an empty vector")
+    if not np.isfinite(vec).all():
+        raise CodecError("vector contains NaN or Inf")
+    return [bytes(ts.ckks_vector(ctx, c.tolist()).serialize()) for c in chunks(vec, preset.slots)]
+
+
+def load_chunk(
+    ctx: ts.Context, data: bytes, preset: CKKSPreset, *, expected_len: int, levels: int | None = None
+) -> ts.CKKSVector:
+    """Parse one serialised chunk and check it is a well-formed ciphertext of ``preset``.
+
+    TenSEAL happily loads an empty byte string as a 0-slot vector and accepts
+    ciphertexts of other parameter sets, so every structural property the
+    aggregation relies on is checked here before use.
+    """
+    if not data or len(data) > preset.max_ciphertext_bytes:
+        raise EnvelopeError(f"ciphertext chunk of {len(data)} bytes is empty or too large")
+    try:
+        vec = ts.ckks_vector_from(ctx, data)
+        parts = vec.ciphertext()
+    except Exception as exc:  # TenSEAL raises bare ValueError/RuntimeError
+        raise EnvelopeError(f"cannot parse ciphertext chunk: {exc}") from None
+    if len(parts) != 1 or vec.size() != expected_len:
+        raise EnvelopeError(f"chunk holds {vec.size()} values, expected {expected_len}")
+    ct = parts[0]
+    want_levels = preset.fresh_levels if levels is None else levels
+    if (
+        ct.size() != 2
+        or ct.poly_modulus_degree() != preset.poly_modulus_degree
+        or ct.coeff_modulus_size() != want_levels
+        or ct.is_transparent()
+        or not math.isclose(ct.scale, 2.0**preset.scale_bits, rel_tol=1e-3)
+    ):
+        raise EnvelopeError("chunk is not a fresh ciphertext of the agreed CKKS preset")
+    return vec
+
+
+def chunk_lengths(numel: int, slots: int) -> Sequence[int]:
+    """Lengths of the chunks a vector of ``numel`` elements splits into."""
+    full, rest = divmod(numel, slots)
+    return [slots] * full + ([rest] if rest else [])
+
+
+def decrypt_chunks(vectors: Sequence[ts.CKKSVector], numel: int) -> np.ndarray:
+    """Decrypt chunk vectors (secret-key context) back into one flat vector."""
+    out = np.empty(numel, dtype=np.float64)
+    pos = 0
+    for v in vectors:
+        vals = np.asarray(v.decrypt(), dtype=np.float64)
+        out[pos : pos + vals.shape[0]] = vals
+        pos += vals.shape[0]
+    if pos != numel:
+        raise CodecError(f"decrypted {pos} values, expected {numel}")
+    return out

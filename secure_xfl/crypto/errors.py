@@ -1,0 +1,70 @@
+"""Typed errors of the crypto layer (all derive from :class:`CryptoError`)."""
+
+from __future__ import annotations
+
+from secure_xfl.errors import CryptoError
+
+__all__ = [
+    "AggregationError",
+    "CodecError",
+    "ContextError",
+    "CryptoError",
+    "DecryptionRefused",
+    "EnvelopeError",
+    "InsecureParameters",
+    "LayoutMismatch",
+    "SignatureInvalid",
+]
+
+
+class InsecureParameters(CryptoError):
+    """CKKS parameters below 128-bit security or otherwise unusable."""
+
+    code = "insecure_parameters"
+
+
+class ContextError(CryptoError):
+    """A CKKS context could not be created, parsed or has the wrong keys."""
+
+    code = "context"
+
+
+class CodecError(CryptoError):
+    """An update cannot be encoded or decoded (empty, NaN/Inf, bad dtype, bad chunk)."""
+
+    code = "codec"
+
+
+class LayoutMismatch(CodecError):
+    """Two parties disagree on the tensor layout (names, shapes, dtypes)."""
+
+    code = "layout_mismatch"
+
+
+class EnvelopeError(CryptoError):
+    """A protected-update envelope or aggregate is malformed or out of bounds."""
+
+    code = "bad_envelope"
+
+
+class SignatureInvalid(CryptoError):
+    """A signature does not verify for the claimed signer."""
+
+    code = "bad_signature"
+
+
+class AggregationError(CryptoError):
+    """An update was refused by the accumulator (duplicate, wrong run/round, mode)."""
+
+    code = "aggregation"
+
+
+class DecryptionRefused(CryptoError):
+    """The key holder's policy refuses to decrypt; ``reason`` says which rule."""
+
+    code = "decryption_refused"
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)

@@ -1,0 +1,238 @@
+"""The key holder: decrypts aggregates, and only aggregates, under policy.
+
+Every rule of DESIGN §2 is a check here with its own refusal reason. The
+(run, round) pairs already decrypted are appended to a file and fsynced
+*before* any plaintext exists, so a crash or restart can only burn a round,
+never decrypt it twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tenseal as ts
+
+from secure_xfl.crypto import pki
+from secure_xfl.crypto.codec import chunk_lengths, decrypt_chunks, load_chunk
+from secure_xfl.crypto.context import CKKSPreset
+from secure_xfl.crypto.envelope import EncryptedAggregate
+from secure_xfl.crypto.errors import DecryptionRefused, EnvelopeError
+
+log = logging.getLogger(__name__)
+
+#: Bound on the decryption record file read at start-up.
+MAX_STATE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class KeyHolderPolicy:
+    """What the key holder requires before it decrypts."""
+
+    run: str
+    """The only run id this key holder serves."""
+    min_clients: int
+    """Fewest distinct, enrolled, signing clients an aggregate must cover."""
+    noise_multiplier: float = 0.0
+    """σ each client's noise was calibrated to (std σ·C/√min_clients); 0 = no DP."""
+    min_effective_noise: float = 0.0
+    """Refuse aggregates whose effective noise multiplier falls below this."""
+
+    def __post_init__(self) -> None:
+        if self.min_clients < 1:
+            raise ValueError("min_clients must be ≥ 1")
+        if self.noise_multiplier < 0 or self.min_effective_noise < 0:
+            raise ValueError("noise multipliers must be ≥ 0")
+
+
+@dataclass(frozen=True)
+class Release:
+    """Facts about one decryption, handed to budget and ledger hooks."""
+
+    run: str
+    """Run id."""
+    round: int
+    """Round number."""
+    participants: tuple[str, ...]
+    """Sorted client names covered by the aggregate."""
+    weights: tuple[float, ...]
+    """Multiplier applied to each participant's update (same order)."""
+    noise_multiplier: float
+    """Effective σ of the released aggregate relative to its sensitivity."""
+
+
+@dataclass(frozen=True)
+class DecryptedAggregate:
+    """The key holder's answer: the weighted average, never an individual update."""
+
+    release: Release
+    """What was released."""
+    vector: np.ndarray
+    """Σ wᵢ xᵢ / Σ wᵢ as a flat float64 vector."""
+    total_weight: float
+    """Σ wᵢ (signed weights)."""
+
+
+def effective_noise(sigma: float, min_clients: int, weights: tuple[float, ...]) -> float:
+    """σ of Σ aᵢyᵢ over its sensitivity C·max aᵢ when each yᵢ carries std σC/√K."""
+    if sigma == 0:
+        return 0.0
+    return sigma * math.sqrt(sum(a * a for a in weights)) / (math.sqrt(min_clients) * max(weights))
+
+
+class KeyHolder:
+    """Holds the CKKS secret key and enforces the decryption policy."""
+
+    def __init__(
+        self,
+        *,
+        ctx: ts.Context,
+        preset: CKKSPreset,
+        policy: KeyHolderPolicy,
+        client_keys: Mapping[str, Any],
+        state_dir: Path,
+        before_release: Callable[[Release], None] | None = None,
+        after_release: Callable[[Release], None] | None = None,
+    ) -> None:
+        if not ctx.has_secret_key():
+            raise DecryptionRefused("no_secret_key", "the key holder needs the secret context")
+        self.ctx = ctx
+        self.preset = preset
+        self.policy = policy
+        self.client_keys = dict(client_keys)
+        self.before_release = before_release
+        self.after_release = after_release
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._state_path = state_dir / "decrypted.jsonl"
+        # An exclusive lock: two key-holder processes on one state dir could
+        # otherwise each decrypt the same round once.
+        self._lock = open(state_dir / ".lock", "w")  # noqa: SIM115 - held for the lifetime
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DecryptionRefused("state_locked", f"{state_dir} is in use") from None
+        self._done = self._load_state()
+
+    def _load_state(self) -> set[tuple[str, int]]:
+        if not self._state_path.exists():
+            return set()
+        if self._state_path.stat().st_size > MAX_STATE_BYTES:
+            raise DecryptionRefused("state_corrupt", "decryption record is too large")
+        done: set[tuple[str, int]] = set()
+        for n, line in enumerate(self._state_path.read_text().splitlines(), 1):
+            try:
+                rec = json.loads(line)
+                done.add((str(rec["run"]), int(rec["round"])))
+            except (ValueError, KeyError, TypeError):
+                # A torn last line from a crash is still a burnt round we cannot name;
+                # refusing to start is the safe answer.
+                raise DecryptionRefused("state_corrupt", f"line {n} of {self._state_path}") from None
+        return done
+
+    def already_decrypted(self, run: str, round: int) -> bool:
+        """Whether (run, round) was released (or burnt) before, across restarts."""
+        return (run, round) in self._done
+
+    def _mark(self, run: str, round: int) -> None:
+        fd = os.open(self._state_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, (json.dumps({"run": run, "round": round}) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._done.add((run, round))
+
+    def check(self, agg: EncryptedAggregate) -> Release:
+        """Apply every policy rule; returns what would be released."""
+        pol = self.policy
+        if agg.run != pol.run:
+            raise DecryptionRefused("wrong_run", f"{agg.run!r} is not run {pol.run!r}")
+        if agg.preset != self.preset.name:
+            raise DecryptionRefused("wrong_preset", agg.preset)
+        names = [s.statement.client for s in agg.manifest]
+        if len(set(names)) != len(names):
+            raise DecryptionRefused("duplicate_client", "a client appears twice in the manifest")
+        digests = {s.statement.ciphertext_digest for s in agg.manifest}
+        if len(digests) != len(names):
+            raise DecryptionRefused("duplicate_ciphertext", "two entries share a ciphertext")
+        for signed in agg.manifest:
+            st = signed.statement
+            if (st.run, st.round) != (agg.run, agg.round):
+                raise DecryptionRefused("manifest_mismatch", f"{st.client!r} signed another round")
+            if (st.layout_digest, st.preset, st.numel, st.weighting) != (
+                agg.layout_digest,
+                agg.preset,
+                agg.numel,
+                agg.weighting,
+            ):
+                raise DecryptionRefused("manifest_mismatch", f"{st.client!r} signed another shape")
+            key = self.client_keys.get(st.client)
+            if key is None:
+                raise DecryptionRefused("unknown_client", st.client)
+            try:
+                pki.verify_signature(key, signed.signature, st.signing_bytes())
+            except Exception:
+                raise DecryptionRefused("bad_signature", st.client) from None
+        if len(names) < pol.min_clients:
+            raise DecryptionRefused(
+                "too_few_clients", f"{len(names)} < min_clients {pol.min_clients}"
+            )
+        if self.already_decrypted(agg.run, agg.round):
+            raise DecryptionRefused("already_decrypted", f"run {agg.run!r} round {agg.round}")
+        if agg.weighting == "aggregator":
+            weights = tuple(s.statement.weight / agg.weight_scale for s in agg.manifest)
+        else:
+            weights = tuple(1.0 for _ in agg.manifest)
+        sigma = effective_noise(pol.noise_multiplier, pol.min_clients, weights)
+        if sigma < pol.min_effective_noise:
+            raise DecryptionRefused("noise_too_low", f"effective σ {sigma:.3f}")
+        order = sorted(range(len(names)), key=lambda i: names[i])
+        return Release(
+            run=agg.run,
+            round=agg.round,
+            participants=tuple(names[i] for i in order),
+            weights=tuple(weights[i] for i in order),
+            noise_multiplier=sigma,
+        )
+
+    def decrypt(self, agg: EncryptedAggregate | bytes) -> DecryptedAggregate:
+        """Check policy, record the round durably, then decrypt the weighted average."""
+        if isinstance(agg, bytes | bytearray | memoryview):
+            agg = EncryptedAggregate.decode(bytes(agg))
+        release = self.check(agg)
+        lengths = chunk_lengths(agg.numel, self.preset.slots)
+        if len(agg.chunks) != len(lengths):
+            raise EnvelopeError(f"aggregate has {len(agg.chunks)} chunks, expected {len(lengths)}")
+        levels = self.preset.fresh_levels - (1 if agg.weighting == "aggregator" else 0)
+        vectors = [
+            load_chunk(self.ctx, c, self.preset, expected_len=n, levels=levels)
+            for c, n in zip(agg.chunks, lengths, strict=True)
+        ]
+        if self.before_release:
+            self.before_release(release)  # e.g. the privacy budget; may refuse
+        self._mark(agg.run, agg.round)
+        if self.after_release:
+            self.after_release(release)  # the ledger line exists before the plaintext does
+        total = float(sum(s.statement.weight for s in agg.manifest))
+        divisor = sum(release.weights) if agg.weighting == "aggregator" else total
+        vector = decrypt_chunks(vectors, agg.numel) / divisor
+        log.info(
+            "decrypted run %s round %d over %d clients (σ_eff=%.3f)",
+            agg.run,
+            agg.round,
+            len(release.participants),
+            release.noise_multiplier,
+        )
+        return DecryptedAggregate(release=release, vector=vector, total_weight=total)
+
+    def close(self) -> None:
+        """Release the state-directory lock."""
+        self._lock.close()

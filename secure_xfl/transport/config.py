@@ -1,0 +1,135 @@
+"""Transport configuration: QUIC tuning knobs and the party's TLS identity."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from secure_xfl.crypto import pki
+from secure_xfl.errors import ConfigError
+
+__all__ = ["ALPN", "TlsIdentity", "TransportConfig"]
+
+#: Application protocol negotiated on every secure-xfl connection.
+ALPN = "secure-xfl/1"
+
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """QUIC and framing limits shared by :class:`RpcServer` and :class:`RpcClient`."""
+
+    max_datagram_size: int = 1452
+    """Largest UDP payload sent. 1452 fits a 1500-byte Ethernet MTU with IPv6+UDP
+    headers; aioquic's default is the 1200-byte QUIC minimum. Larger values (e.g.
+    9000 on jumbo-frame links or loopback) cut per-packet overhead considerably."""
+    handshake_timeout_s: float = 10.0
+    """A connection whose handshake (including certificate checks and the peer's
+    confirmation) does not finish within this is abandoned."""
+    idle_timeout_s: float = 60.0
+    """QUIC idle timeout: a connection with no traffic for this long is closed."""
+    stream_timeout_s: float = 60.0
+    """A stream that makes no progress (no bytes received or acknowledged) for this
+    long is reset, so a stalled peer cannot pin a handler or buffers forever."""
+    max_message_bytes: int = _GIB
+    """Upper bound on one request or response body; the receiver stops reading and
+    resets the stream the moment it is exceeded. RpcServer may override it."""
+    max_concurrent_streams: int = 64
+    """Most requests in flight per connection (client waits; server refuses extras).
+    aioquic itself caps peer-opened bidirectional streams at 128."""
+    alpn: str = ALPN
+    """ALPN protocol id; both sides must agree or the handshake fails."""
+    flow_control_window_bytes: int = 16 << 20
+    """Initial QUIC receive window per stream and per connection. Bigger windows keep
+    the pipe full on high bandwidth-delay paths; memory per stream is still bounded
+    by ``max_message_bytes`` because the receiver counts and resets."""
+    send_buffer_bytes: int = 4 << 20
+    """Most unacknowledged bytes a sender keeps queued in aioquic per stream before
+    waiting for acknowledgements: bounds sender memory for huge payloads."""
+    congestion_control: str = "reno"
+    """aioquic congestion controller name ("reno" or "cubic")."""
+
+    def __post_init__(self) -> None:
+        if not 1200 <= self.max_datagram_size <= 65527:
+            raise ConfigError("max_datagram_size must be within [1200, 65527]")
+        for name in ("handshake_timeout_s", "idle_timeout_s", "stream_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.max_message_bytes < 1:
+            raise ConfigError("max_message_bytes must be positive")
+        if not 1 <= self.max_concurrent_streams <= 128:
+            raise ConfigError("max_concurrent_streams must be within [1, 128]")
+        if not self.alpn or len(self.alpn) > 255:
+            raise ConfigError("alpn must be 1..255 characters")
+        if self.flow_control_window_bytes < 64 << 10:
+            raise ConfigError("flow_control_window_bytes must be at least 64 KiB")
+        if self.send_buffer_bytes < 64 << 10:
+            raise ConfigError("send_buffer_bytes must be at least 64 KiB")
+        if self.congestion_control not in ("reno", "cubic"):
+            raise ConfigError("congestion_control must be 'reno' or 'cubic'")
+
+
+@dataclass(frozen=True)
+class TlsIdentity:
+    """This party's certificate and key, the federation CA, and the CRL to apply.
+
+    Paths are read lazily (once) and bounded in size; objects are used as given.
+    """
+
+    cert: x509.Certificate | str | os.PathLike[str]
+    """This party's leaf certificate (object or PEM path)."""
+    key: pki.PrivateKey | str | os.PathLike[str]
+    """The certificate's private key (object or PEM path, ideally mode 0600)."""
+    ca_cert: x509.Certificate | str | os.PathLike[str]
+    """The federation CA certificate every peer must chain to."""
+    federation: str
+    """Federation name; peers from another federation are refused."""
+    crl_path: str | os.PathLike[str] | None = None
+    """Optional PEM CRL signed by the CA; re-read by ``reload_crl()``."""
+    crl: x509.CertificateRevocationList | None = field(default=None, compare=False)
+    """Optional CRL object used when ``crl_path`` is not set (tests, in-memory use)."""
+
+    @cached_property
+    def certificate(self) -> x509.Certificate:
+        """The leaf certificate, loaded."""
+        if isinstance(self.cert, x509.Certificate):
+            return self.cert
+        return pki.load_certificate(self.cert)
+
+    @cached_property
+    def private_key(self) -> pki.PrivateKey:
+        """The private key, loaded and checked to match the certificate."""
+        if isinstance(self.key, str | os.PathLike):
+            loaded = pki.load_private_key(self.key)
+        else:
+            loaded = self.key
+        fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+        enc = serialization.Encoding.DER
+        if loaded.public_key().public_bytes(enc, fmt) != self.certificate.public_key().public_bytes(
+            enc, fmt
+        ):
+            raise ConfigError("private key does not match the certificate")
+        return loaded
+
+    @cached_property
+    def ca_certificate(self) -> x509.Certificate:
+        """The federation CA certificate, loaded."""
+        if isinstance(self.ca_cert, x509.Certificate):
+            return self.ca_cert
+        return pki.load_certificate(self.ca_cert)
+
+    @cached_property
+    def identity(self) -> pki.PeerIdentity:
+        """Our own identity, from our certificate."""
+        return pki.identity_of(self.certificate)
+
+    def load_crl(self) -> x509.CertificateRevocationList | None:
+        """Read the CRL now (from ``crl_path`` if set, else the ``crl`` object)."""
+        if self.crl_path is not None:
+            return pki.load_crl(self.crl_path)
+        return self.crl

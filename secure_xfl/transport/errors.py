@@ -1,0 +1,81 @@
+"""Transport-layer errors (all :class:`~secure_xfl.errors.TransportError`).
+
+:class:`PeerRejected` lives in :mod:`secure_xfl.crypto.pki` (it is raised by
+``verify_peer``, which the PKI owns, and is a ``CryptoError``); it is re-exported
+here because transport callers meet it most often.
+"""
+
+from __future__ import annotations
+
+from secure_xfl.crypto.pki import PeerRejected
+from secure_xfl.errors import TransportError
+
+__all__ = [
+    "CallTimeout",
+    "ConnectionClosed",
+    "HandshakeFailed",
+    "MessageTooLarge",
+    "PeerRejected",
+    "RemoteError",
+    "StreamReset",
+    "StreamTimeout",
+    "TransportError",
+    "UnsupportedAioquic",
+]
+
+
+class HandshakeFailed(TransportError):
+    """The QUIC/TLS handshake did not complete, or the peer refused our certificate."""
+
+    code = "handshake_failed"
+
+
+class ConnectionClosed(TransportError):
+    """The connection closed (idle timeout, peer close, local close) while in use."""
+
+    code = "connection_closed"
+
+
+class MessageTooLarge(TransportError):
+    """A message exceeded ``max_message_bytes``."""
+
+    code = "message_too_large"
+
+
+class StreamTimeout(TransportError):
+    """A stream made no progress for ``stream_timeout_s`` and was reset."""
+
+    code = "stream_timeout"
+
+
+class CallTimeout(TransportError):
+    """A call did not complete within the caller's ``timeout``."""
+
+    code = "timeout"
+
+
+class StreamReset(TransportError):
+    """The peer reset the stream (``error_code`` is the QUIC application error)."""
+
+    code = "stream_reset"
+
+    def __init__(self, error_code: int, message: str = "") -> None:
+        self.error_code = error_code
+        super().__init__(message or f"stream reset by peer (error {error_code})")
+
+
+class RemoteError(TransportError):
+    """The remote handler replied with an error; ``code`` is the remote error code."""
+
+    code = "remote"
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+class UnsupportedAioquic(TransportError):
+    """The installed aioquic is outside the range the mTLS extension was tested on."""
+
+    code = "unsupported_aioquic"

@@ -1,0 +1,285 @@
+"""Bounded message streams on an aioquic connection (shared by RPC server and client).
+
+One message per direction of a bidirectional QUIC stream, ended by FIN.
+
+* Receiving counts bytes as aioquic delivers them and aborts the stream
+  (STOP_SENDING) the moment ``max_message_bytes`` would be exceeded, so a peer
+  can never make us buffer more than the bound.
+* Sending writes in chunks and waits for acknowledgements whenever more than
+  ``send_buffer_bytes`` are unacknowledged: aioquic's send buffer is otherwise
+  unbounded (and trims acknowledged bytes with an O(n) ``del``), so dumping a
+  500 MB payload into it at once costs memory and throughput.
+* A stream with no progress for ``stream_timeout_s`` is reset in both directions.
+
+aioquic internals read here: ``QuicConnection._streams[id].sender`` offsets
+``_buffer_start``/``_buffer_stop`` (unacknowledged bytes). Everything else is
+aioquic's public connection API (send_stream_data, reset_stream, stop_stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic import events
+
+from secure_xfl.crypto.pki import PeerIdentity
+from secure_xfl.transport.config import TransportConfig
+from secure_xfl.transport.errors import (
+    ConnectionClosed,
+    MessageTooLarge,
+    StreamReset,
+    StreamTimeout,
+)
+from secure_xfl.transport.mtls import peer_identity
+
+__all__ = ["ERR_BUSY", "ERR_CANCELLED", "ERR_TIMEOUT", "ERR_TOO_LARGE", "MessageProtocol"]
+
+# QUIC application error codes used in RESET_STREAM / STOP_SENDING.
+ERR_TOO_LARGE = 0x101
+ERR_TIMEOUT = 0x102
+ERR_BUSY = 0x103
+ERR_CANCELLED = 0x104
+
+_CHUNK = 256 << 10  # bytes handed to aioquic per write
+
+
+@dataclass(eq=False)
+class Inbound:
+    """One message being received on one stream."""
+
+    stream_id: int
+    limit: int
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    last_progress: float = field(default_factory=time.monotonic)
+    done: asyncio.Future[bytes] | None = None
+    aborted: bool = False
+    watched: bool = True
+    """Subject to the stall sweep (a client's reply is watched once bytes flow)."""
+    replied: bool = False
+    """An error reply was already sent for this (refused) stream."""
+
+
+class MessageProtocol(QuicConnectionProtocol):
+    """QuicConnectionProtocol with bounded per-stream message receive and send."""
+
+    def __init__(self, *args: object, config: TransportConfig, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.config = config
+        self.inbound: dict[int, Inbound] = {}
+        self.send_blocked: dict[int, int] = {}  # stream id -> STOP_SENDING error code
+        self.closed_error: events.ConnectionTerminated | None = None
+        self._progress_waiters: list[asyncio.Future[None]] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self.log = logging.getLogger("secure_xfl.transport.streams")
+
+    # -- identity and logging -------------------------------------------------------------
+
+    @property
+    def peer(self) -> PeerIdentity | None:
+        """The verified peer identity (None until the handshake verified it)."""
+        return peer_identity(self._quic)
+
+    def peer_label(self) -> str:
+        """Peer identity if verified, else its network address, for log lines."""
+        ident = self.peer
+        if ident is not None:
+            return ident.spiffe_id
+        paths = getattr(self._quic, "_network_paths", None)
+        return f"unverified@{paths[0].addr[0]}" if paths else "unverified"
+
+    # -- progress notification ------------------------------------------------------------
+
+    def transmit(self) -> None:
+        super().transmit()
+        # transmit() runs after every received datagram and timer: acks have been
+        # processed, so wake senders waiting for buffer space.
+        if self._progress_waiters:
+            waiters, self._progress_waiters = self._progress_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _wait_progress(self, timeout: float) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._progress_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            pass
+
+    def _unacked(self, stream_id: int) -> int:
+        stream = self._quic._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return int(sender._buffer_stop - sender._buffer_start)
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def send_message(self, stream_id: int, parts: Sequence[bytes | memoryview]) -> None:
+        """Send ``parts`` then FIN on ``stream_id`` with bounded buffering."""
+        high_water = self.config.send_buffer_bytes
+        for part in parts:
+            view = memoryview(part)
+            for offset in range(0, len(view), _CHUNK):
+                await self._wait_for_room(stream_id, high_water)
+                self._quic.send_stream_data(stream_id, bytes(view[offset : offset + _CHUNK]))
+                self.transmit()
+        self._check_sendable(stream_id)
+        self._quic.send_stream_data(stream_id, b"", end_stream=True)
+        self.transmit()
+
+    def _check_sendable(self, stream_id: int) -> None:
+        if self.closed_error is not None:
+            raise ConnectionClosed(f"connection to {self.peer_label()} closed")
+        code = self.send_blocked.get(stream_id)
+        if code is not None:
+            raise StreamReset(code, f"peer {self.peer_label()} stopped reading (error {code})")
+
+    async def _wait_for_room(self, stream_id: int, high_water: int) -> None:
+        last_unacked = self._unacked(stream_id)
+        stalled_since = time.monotonic()
+        while True:
+            self._check_sendable(stream_id)
+            unacked = self._unacked(stream_id)
+            if unacked <= high_water:
+                return
+            now = time.monotonic()
+            if unacked < last_unacked:
+                last_unacked, stalled_since = unacked, now
+            elif now - stalled_since > self.config.stream_timeout_s:
+                self.abort_stream(stream_id, ERR_TIMEOUT)
+                raise StreamTimeout(
+                    f"stream {stream_id} to {self.peer_label()}: no acknowledgement for "
+                    f"{self.config.stream_timeout_s}s"
+                )
+            await self._wait_progress(min(1.0, self.config.stream_timeout_s / 4))
+
+    def abort_stream(self, stream_id: int, error_code: int) -> None:
+        """Reset our sending side and ask the peer to stop sending."""
+        self.send_blocked.setdefault(stream_id, error_code)
+        try:
+            self._quic.reset_stream(stream_id, error_code)
+        except (ValueError, AssertionError):  # already finished or reset
+            pass
+        try:
+            self._quic.stop_stream(stream_id, error_code)
+        except (ValueError, AssertionError):
+            pass
+        self.transmit()
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def open_inbound(self, stream_id: int, limit: int) -> Inbound:
+        state = Inbound(stream_id=stream_id, limit=limit)
+        state.done = asyncio.get_running_loop().create_future()
+        self.inbound[stream_id] = state
+        self._ensure_sweeper()
+        return state
+
+    def on_data(self, state: Inbound, event: events.StreamDataReceived) -> bool:
+        """Account ``event`` into ``state``; True when the message is complete."""
+        if state.aborted:
+            return False
+        if state.size + len(event.data) > state.limit:
+            self.fail_inbound(
+                state,
+                MessageTooLarge(f"message on stream {state.stream_id} exceeds {state.limit} bytes"),
+                ERR_TOO_LARGE,
+            )
+            return False
+        if event.data:
+            state.chunks.append(event.data)
+            state.size += len(event.data)
+            state.last_progress = time.monotonic()
+            state.watched = True
+        if event.end_stream:
+            self.inbound.pop(state.stream_id, None)
+            data = state.chunks[0] if len(state.chunks) == 1 else b"".join(state.chunks)
+            state.chunks = []
+            if state.done is not None and not state.done.done():
+                state.done.set_result(data)
+            return True
+        return False
+
+    def fail_inbound(self, state: Inbound, exc: Exception, error_code: int | None) -> None:
+        """Drop what was buffered, fail the waiter, optionally abort the stream."""
+        state.aborted = True
+        state.chunks = []
+        state.last_progress = time.monotonic()  # keep the tombstone a while for late frames
+        if state.done is not None and not state.done.done():
+            state.done.set_exception(exc)
+            state.done.exception()  # mark retrieved: nobody may be awaiting it
+        if error_code is not None:
+            try:
+                self._quic.stop_stream(state.stream_id, error_code)
+            except ValueError:
+                pass
+            self.transmit()
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        interval = max(0.05, min(1.0, self.config.stream_timeout_s / 4))
+        while self.inbound and self.closed_error is None:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for state in list(self.inbound.values()):
+                if not state.watched or now - state.last_progress <= self.config.stream_timeout_s:
+                    continue
+                if state.aborted:
+                    self.inbound.pop(state.stream_id, None)
+                    continue
+                self.log.warning(
+                    "[peer=%s] stream %d stalled for %.1fs: reset",
+                    self.peer_label(),
+                    state.stream_id,
+                    self.config.stream_timeout_s,
+                )
+                self.fail_inbound(
+                    state, StreamTimeout(f"stream {state.stream_id} stalled"), ERR_TIMEOUT
+                )
+                self.abort_stream(state.stream_id, ERR_TIMEOUT)
+                self.on_stream_timeout(state.stream_id)
+
+    def on_stream_timeout(self, stream_id: int) -> None:
+        """Hook for subclasses: a stream was reset for stalling."""
+
+    # -- events ---------------------------------------------------------------------------
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        # Deliberately not calling super(): aioquic's default feeds unbounded
+        # asyncio.StreamReaders, which is exactly what we must not do.
+        if isinstance(event, events.StopSendingReceived):
+            self.send_blocked.setdefault(event.stream_id, event.error_code)
+        elif isinstance(event, events.StreamReset):
+            state = self.inbound.pop(event.stream_id, None)
+            if state is not None and not state.aborted:
+                self.fail_inbound(state, StreamReset(event.error_code), None)
+        elif isinstance(event, events.ConnectionTerminated):
+            self.closed_error = event
+            exc = ConnectionClosed(self.describe_close())
+            for state in list(self.inbound.values()):
+                self.fail_inbound(state, exc, None)
+            self.inbound.clear()
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+            self.transmit()  # wakes blocked senders, which then see closed_error
+
+    def describe_close(self) -> str:
+        """Human-readable reason the connection closed."""
+        event = self.closed_error
+        if event is None:
+            return "connection open"
+        phrase = event.reason_phrase or "no reason given"
+        return (
+            f"connection with {self.peer_label()} closed (error 0x{event.error_code:x}: {phrase})"
+        )

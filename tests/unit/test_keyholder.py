@@ -1,0 +1,167 @@
+"""Each key-holder refusal, and once-only decryption surviving a restart."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from secure_xfl.crypto.context import get_preset
+from secure_xfl.crypto.envelope import EncryptedAggregate, SignedStatement
+from secure_xfl.crypto.errors import DecryptionRefused
+from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy, Release, effective_noise
+from tests.conftest import contexts
+from tests.unit.helpers import RUN, make_accumulator, make_update
+
+KEYS = {f"c{i}": ec.generate_private_key(ec.SECP256R1()) for i in range(4)}
+
+
+def aggregate(n: int = 3, round: int = 0) -> EncryptedAggregate:
+    acc = make_accumulator(KEYS, 10, round=round)
+    for i in range(n):
+        acc.add(make_update(KEYS[f"c{i}"], f"c{i}", np.ones(10) * i, round=round))
+    return acc.result()
+
+
+AGG = aggregate()
+
+
+def holder(tmp: Path, **policy: object) -> KeyHolder:
+    secret, _ = contexts()
+    pol = KeyHolderPolicy(**{"run": RUN, "min_clients": 3, **policy})  # type: ignore[arg-type]
+    return KeyHolder(
+        ctx=secret,
+        preset=get_preset("xfl-default"),
+        policy=pol,
+        client_keys={c: k.public_key() for c, k in KEYS.items()},
+        state_dir=tmp,
+    )
+
+
+def refused(kh: KeyHolder, agg: EncryptedAggregate) -> str:
+    with pytest.raises(DecryptionRefused) as info:
+        kh.decrypt(agg.encode())
+    return info.value.reason
+
+
+def test_decrypts_a_valid_aggregate(tmp_path: Path) -> None:
+    out = holder(tmp_path).decrypt(AGG)
+    assert np.allclose(out.vector, 1.0, atol=1e-3)
+
+
+def test_refuses_fewer_than_min_clients(tmp_path: Path) -> None:
+    assert refused(holder(tmp_path), aggregate(2)) == "too_few_clients"
+
+
+def test_refuses_duplicate_clients_in_manifest(tmp_path: Path) -> None:
+    agg = aggregate(2)
+    dup = dataclasses.replace(agg, manifest=(*agg.manifest, agg.manifest[0]))
+    assert refused(holder(tmp_path), dup) == "duplicate_client"
+
+
+def test_refuses_forged_signature(tmp_path: Path) -> None:
+    forged = SignedStatement(AGG.manifest[0].statement, AGG.manifest[1].signature)
+    agg = dataclasses.replace(AGG, manifest=(forged, *AGG.manifest[1:]))
+    assert refused(holder(tmp_path), agg) == "bad_signature"
+
+
+def test_refuses_statement_re_signed_by_a_stranger(tmp_path: Path) -> None:
+    from secure_xfl.crypto import pki
+
+    st = AGG.manifest[0].statement
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    forged = SignedStatement(st, pki.sign(stranger, st.signing_bytes()))
+    agg = dataclasses.replace(AGG, manifest=(forged, *AGG.manifest[1:]))
+    assert refused(holder(tmp_path), agg) == "bad_signature"
+
+
+def test_refuses_tampered_ciphertext_digest(tmp_path: Path) -> None:
+    st = dataclasses.replace(AGG.manifest[0].statement, ciphertext_digest=b"\x00" * 32)
+    agg = dataclasses.replace(
+        AGG, manifest=(SignedStatement(st, AGG.manifest[0].signature), *AGG.manifest[1:])
+    )
+    assert refused(holder(tmp_path), agg) == "bad_signature"
+
+
+def test_refuses_inflated_weight(tmp_path: Path) -> None:
+    st = dataclasses.replace(AGG.manifest[0].statement, weight=1000.0)
+    agg = dataclasses.replace(
+        AGG, manifest=(SignedStatement(st, AGG.manifest[0].signature), *AGG.manifest[1:])
+    )
+    assert refused(holder(tmp_path), agg) == "bad_signature"
+
+
+def test_refuses_unknown_client(tmp_path: Path) -> None:
+    secret, _ = contexts()
+    kh = KeyHolder(
+        ctx=secret,
+        preset=get_preset("xfl-default"),
+        policy=KeyHolderPolicy(run=RUN, min_clients=3),
+        client_keys={c: KEYS[c].public_key() for c in ("c0", "c1")},
+        state_dir=tmp_path,
+    )
+    assert refused(kh, AGG) == "unknown_client"
+
+
+def test_refuses_wrong_run(tmp_path: Path) -> None:
+    assert refused(holder(tmp_path, run="other-run"), AGG) == "wrong_run"
+
+
+def test_refuses_manifest_from_another_round(tmp_path: Path) -> None:
+    agg = dataclasses.replace(aggregate(3, round=1), round=2)
+    assert refused(holder(tmp_path), agg) == "manifest_mismatch"
+
+
+def test_decrypts_each_round_once_even_after_restart(tmp_path: Path) -> None:
+    kh = holder(tmp_path)
+    kh.decrypt(AGG)
+    assert refused(kh, AGG) == "already_decrypted"
+    kh.close()
+    restarted = holder(tmp_path)
+    assert refused(restarted, AGG) == "already_decrypted"
+    restarted.decrypt(aggregate(3, round=1))
+
+
+def test_two_key_holders_cannot_share_a_state_dir(tmp_path: Path) -> None:
+    first = holder(tmp_path)
+    with pytest.raises(DecryptionRefused, match="state_locked"):
+        holder(tmp_path)
+    first.close()
+    holder(tmp_path).close()
+
+
+def test_corrupt_state_refuses_to_start(tmp_path: Path) -> None:
+    (tmp_path / "decrypted.jsonl").write_text('{"run": "x", "round": 0}\n{"run": ')
+    with pytest.raises(DecryptionRefused, match="state_corrupt"):
+        holder(tmp_path)
+
+
+def test_budget_hook_refusal_releases_nothing_and_burns_nothing(tmp_path: Path) -> None:
+    calls: list[Release] = []
+
+    def budget(rel: Release) -> None:
+        raise DecryptionRefused("budget_exceeded", "test")
+
+    secret, _ = contexts()
+    kh = KeyHolder(
+        ctx=secret,
+        preset=get_preset("xfl-default"),
+        policy=KeyHolderPolicy(run=RUN, min_clients=3),
+        client_keys={c: k.public_key() for c, k in KEYS.items()},
+        state_dir=tmp_path,
+        before_release=budget,
+        after_release=calls.append,
+    )
+    assert refused(kh, AGG) == "budget_exceeded"
+    assert calls == [] and not kh.already_decrypted(RUN, 0)
+
+
+def test_effective_noise_and_min_noise_policy(tmp_path: Path) -> None:
+    assert effective_noise(1.0, 3, (1.0, 1.0, 1.0)) == pytest.approx(1.0)
+    assert effective_noise(1.0, 3, (1.0,) * 12) == pytest.approx(2.0)
+    assert effective_noise(1.0, 3, (1.0, 0.1, 0.1)) < 1.0
+    kh = holder(tmp_path, noise_multiplier=1.0, min_effective_noise=1.5)
+    assert refused(kh, AGG) == "noise_too_low"
