@@ -9,7 +9,12 @@ import pytest
 import tenseal as ts
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from secure_xfl.crypto.context import generate_context, get_preset, load_context, public_context_bytes
+from secure_xfl.crypto.context import (
+    generate_context,
+    get_preset,
+    load_context,
+    public_context_bytes,
+)
 
 _cache: dict[str, tuple[ts.Context, ts.Context]] = {}
 

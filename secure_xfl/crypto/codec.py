@@ -154,7 +154,12 @@ def encrypt_vector(ctx: ts.Context, vec: np.ndarray, preset: CKKSPreset) -> list
 
 
 def load_chunk(
-    ctx: ts.Context, data: bytes, preset: CKKSPreset, *, expected_len: int, levels: int | None = None
+    ctx: ts.Context,
+    data: bytes,
+    preset: CKKSPreset,
+    *,
+    expected_len: int,
+    levels: int | None = None,
 ) -> ts.CKKSVector:
     """Parse one serialised chunk and check it is a well-formed ciphertext of ``preset``.
 

@@ -114,7 +114,7 @@ class KeyHolder:
         self._state_path = state_dir / "decrypted.jsonl"
         # An exclusive lock: two key-holder processes on one state dir could
         # otherwise each decrypt the same round once.
-        self._lock = open(state_dir / ".lock", "w")  # noqa: SIM115 - held for the lifetime
+        self._lock = open(state_dir / ".lock", "w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -134,7 +134,9 @@ class KeyHolder:
             except (ValueError, KeyError, TypeError):
                 # A torn last line from a crash is still a burnt round we cannot name;
                 # refusing to start is the safe answer.
-                raise DecryptionRefused("state_corrupt", f"line {n} of {self._state_path}") from None
+                raise DecryptionRefused(
+                    "state_corrupt", f"line {n} of {self._state_path}"
+                ) from None
         return done
 
     def already_decrypted(self, run: str, round: int) -> bool:

@@ -37,7 +37,9 @@ def keyholder(tmp: Path, preset: str = "xfl-default", min_clients: int = 1) -> K
     weighting=st.sampled_from(["aggregator", "client"]),
     seed=st.integers(0, 2**32 - 1),
 )
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 def test_weighted_average_matches_numpy(
     tmp_path_factory: Any, numel: int, n_clients: int, weighting: str, seed: int
 ) -> None:
@@ -66,7 +68,9 @@ def test_other_presets_aggregate_correctly(tmp_path: Path, preset: str) -> None:
     weighting = "client" if get_preset(preset).depth == 0 else "aggregator"
     acc = make_accumulator(KEYS, 3000, preset=preset, weighting=weighting)  # type: ignore[arg-type]
     for i, x in enumerate(xs):
-        acc.add(make_update(KEYS[f"c{i}"], f"c{i}", x, preset=preset, weight=0.5, weighting=weighting))  # type: ignore[arg-type]
+        acc.add(
+            make_update(KEYS[f"c{i}"], f"c{i}", x, preset=preset, weight=0.5, weighting=weighting)
+        )  # type: ignore[arg-type]
     out = keyholder(tmp_path, preset).decrypt(acc.result())
     bound = get_preset(preset).error_bound(5.0, 3, 1.5)
     assert np.abs(out.vector - np.mean(xs, axis=0)).max() <= bound

@@ -24,7 +24,9 @@ from tests.conftest import contexts
 shapes = st.lists(st.integers(1, 7), min_size=0, max_size=3).map(tuple)
 
 
-@given(st.dictionaries(st.text("abcdefgh._", min_size=1, max_size=12), shapes, min_size=1, max_size=6))
+@given(
+    st.dictionaries(st.text("abcdefgh._", min_size=1, max_size=12), shapes, min_size=1, max_size=6)
+)
 @settings(max_examples=50, deadline=None)
 def test_flatten_unflatten_round_trip(spec: dict[str, tuple[int, ...]]) -> None:
     tensors = {k: torch.randn(s, dtype=torch.float32) for k, s in spec.items()}
