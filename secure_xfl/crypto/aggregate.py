@@ -22,7 +22,12 @@ from secure_xfl.crypto.envelope import (
     SignedStatement,
     Weighting,
 )
-from secure_xfl.crypto.errors import AggregationError, LayoutMismatch, SignatureInvalid
+from secure_xfl.crypto.errors import (
+    AggregationError,
+    DuplicateUpdate,
+    LayoutMismatch,
+    SignatureInvalid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +103,7 @@ class Accumulator:
         if st.round != self.round:
             raise AggregationError(f"update for round {st.round}, this is round {self.round}")
         if st.client in self._clients:
-            raise AggregationError(f"client {st.client!r} already contributed to this round")
+            raise DuplicateUpdate(f"client {st.client!r} already contributed to this round")
         if st.layout_digest != self.layout_digest or st.numel != self.numel:
             raise LayoutMismatch(f"update from {st.client!r} has a different tensor layout")
         if st.preset != self.preset.name:

@@ -10,6 +10,7 @@ __all__ = [
     "ContextError",
     "CryptoError",
     "DecryptionRefused",
+    "DuplicateUpdate",
     "EnvelopeError",
     "InsecureParameters",
     "LayoutMismatch",
@@ -57,6 +58,12 @@ class AggregationError(CryptoError):
     """An update was refused by the accumulator (duplicate, wrong run/round, mode)."""
 
     code = "aggregation"
+
+
+class DuplicateUpdate(AggregationError):
+    """A client already contributed to this round."""
+
+    code = "duplicate_update"
 
 
 class DecryptionRefused(CryptoError):

@@ -101,9 +101,7 @@ class DPConfig:
             raise InvalidDPConfig(f"noise_multiplier must be ≥ 0, got {sigma}")
         if not 0 < delta < 1:
             raise InvalidDPConfig(f"delta must lie in (0, 1), got {delta}")
-        if isinstance(self.min_clients, bool) or not isinstance(
-            self.min_clients, int | np.integer
-        ):
+        if isinstance(self.min_clients, bool) or not isinstance(self.min_clients, int | np.integer):
             raise InvalidDPConfig("min_clients must be an int")
         if self.min_clients < 1:
             raise InvalidDPConfig(f"min_clients must be ≥ 1, got {self.min_clients}")

@@ -95,7 +95,7 @@ def decode(
 def require(
     msg: Mapping[str, Any],
     field: str,
-    kind: type,
+    kind: type[Any],
     *,
     lo: float | None = None,
     hi: float | None = None,
@@ -111,9 +111,10 @@ def require(
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ProtocolError(f"field {field!r} must be {kind.__name__}")
-    if kind is float and not math.isfinite(value):
+    if kind is float and not math.isfinite(float(value)):
         raise ProtocolError(f"field {field!r} must be finite")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
+    num = float(value) if kind in (int, float) else 0.0
+    if (lo is not None and num < lo) or (hi is not None and num > hi):
         raise ProtocolError(f"field {field!r} out of range [{lo}, {hi}]")
     return value
 

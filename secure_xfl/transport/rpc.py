@@ -338,6 +338,9 @@ class RpcClient:
             if protocol.closed_error is not None:
                 raise ConnectionClosed(protocol.describe_close())
             stream_id = protocol._quic.get_next_available_stream_id()
+            # Claim the id now: aioquic only allocates it once something is sent, so
+            # concurrent calls would otherwise share a stream.
+            protocol._quic.send_stream_data(stream_id, b"")
             state = protocol.open_inbound(stream_id, self.config.max_message_bytes + 1)
             state.watched = False  # the handler may legitimately compute for a long time
             assert state.done is not None

@@ -1,0 +1,156 @@
+"""``secure-xfl`` command line: provision | keyholder | aggregator | client | demo | audit | bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from secure_xfl.errors import SecureXFLError
+
+log = logging.getLogger("secure_xfl.cli")
+
+
+def _model_from_spec(spec: str) -> dict[str, np.ndarray]:
+    """``vector:N``: one zero-initialised float32 tensor of N parameters (tests, benches)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "vector" and arg.isdigit() and int(arg) > 0:
+        return {"weight": np.zeros(int(arg), dtype=np.float32)}
+    raise SecureXFLError(f"unknown model spec {spec!r} (expected vector:N)")
+
+
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from secure_xfl.config import KitConfig, load_config
+    from secure_xfl.kit import add_client, provision, revoke
+
+    out = Path(args.out)
+    if args.add_client:
+        print(add_client(out, args.add_client))
+        return 0
+    if args.revoke:
+        serial = revoke(out, args.revoke)
+        print(f"revoked client {args.revoke} (serial {serial}); CRL written to every kit")
+        return 0
+    if not args.federation or not args.clients:
+        raise SecureXFLError("--federation and --clients are required to create a federation")
+    cfg = load_config(Path(args.config)) if args.config else KitConfig()
+    kits = provision(out, federation=args.federation, clients=args.clients.split(","), cfg=cfg)
+    for name, path in kits.items():
+        print(f"{name:>16}: {path}")
+    return 0
+
+
+def _cmd_keyholder(args: argparse.Namespace) -> int:
+    from secure_xfl.kit import Kit
+    from secure_xfl.training.keyholder_service import serve_keyholder
+    from secure_xfl.training.runtime import write_port_file
+
+    kit = Kit.load(Path(args.kit), role="keyholder")
+    listen = args.listen or kit.config.endpoints.keyholder
+    asyncio.run(serve_keyholder(kit, listen, ready=lambda p: write_port_file(args.port_file, p)))
+    return 0
+
+
+def _cmd_aggregator(args: argparse.Namespace) -> int:
+    from secure_xfl.kit import Kit
+    from secure_xfl.training.aggregator_service import serve_aggregator
+    from secure_xfl.training.runtime import write_port_file
+
+    kit = Kit.load(Path(args.kit), role="aggregator")
+    ok = asyncio.run(
+        serve_aggregator(
+            kit,
+            listen=args.listen or kit.config.endpoints.aggregator,
+            keyholder=args.keyholder or kit.config.endpoints.keyholder,
+            model=_model_from_spec(args.model),
+            out_dir=Path(args.out) if args.out else None,
+            ready=lambda p: write_port_file(args.port_file, p),
+        )
+    )
+    return 0 if ok else 1
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from secure_xfl.kit import Kit
+    from secure_xfl.training.client_service import RandomTrainer, serve_client
+
+    kit = Kit.load(Path(args.kit), role="client")
+    trainer = RandomTrainer(kit.config.party.name, seed=args.seed)
+    reason = asyncio.run(
+        serve_client(kit, aggregator=args.aggregator or kit.config.endpoints.aggregator,
+                     trainer=trainer)
+    )
+    return 0 if reason == "completed" else 1
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from secure_xfl.privacy.audit import main as audit_main
+
+    return audit_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="secure-xfl",
+        description="Privacy-first secure aggregation for cross-cloud federated training.",
+    )
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    sub = p.add_subparsers(dest="command", required=True, metavar="ROLE")
+
+    s = sub.add_parser("provision", help="create a federation CA and startup kits (offline)")
+    s.add_argument("--federation", help="federation name (lower-case DNS label)")
+    s.add_argument("--clients", help="comma-separated client names, e.g. a,b,c")
+    s.add_argument("--out", required=True, help="output folder (must be empty when creating)")
+    s.add_argument("--config", help="config.toml with [federation]/[privacy]/[round] defaults")
+    s.add_argument("--add-client", metavar="NAME", help="enrol one more client into --out")
+    s.add_argument("--revoke", metavar="NAME", help="revoke a client's certificate in --out")
+    s.set_defaults(func=_cmd_provision)
+
+    s = sub.add_parser("keyholder", help="run the key holder (decrypts aggregates under policy)")
+    s.add_argument("--kit", required=True, help="the key holder's startup kit folder")
+    s.add_argument("--listen", help="HOST:PORT (default from the kit's config)")
+    s.add_argument("--port-file", help="write the bound port here (with --listen HOST:0)")
+    s.set_defaults(func=_cmd_keyholder)
+
+    s = sub.add_parser("aggregator", help="run the aggregator (sums ciphertexts only)")
+    s.add_argument("--kit", required=True, help="the aggregator's startup kit folder")
+    s.add_argument("--keyholder", help="key holder HOST:PORT (default from the kit)")
+    s.add_argument("--listen", help="HOST:PORT (default from the kit's config)")
+    s.add_argument("--model", default="vector:1000", help="initial model (vector:N)")
+    s.add_argument("--out", help="folder for rounds.jsonl and per-round global models")
+    s.add_argument("--port-file", help="write the bound port here (with --listen HOST:0)")
+    s.set_defaults(func=_cmd_aggregator)
+
+    s = sub.add_parser("client", help="run one client (trains, protects and uploads)")
+    s.add_argument("--kit", required=True, help="this client's startup kit folder")
+    s.add_argument("--aggregator", help="aggregator HOST:PORT (default from the kit)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random-update trainer")
+    s.set_defaults(func=_cmd_client)
+
+    s = sub.add_parser("audit", help="verify a privacy ledger and recompute ε", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_cmd_audit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from secure_xfl.training.runtime import setup_logging
+
+    setup_logging(args.command, level=args.log_level, as_json=args.log_json)
+    try:
+        return int(args.func(args))
+    except SecureXFLError as exc:
+        log.error("%s: %s", type(exc).__name__, exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Run configuration: frozen dataclasses loaded from a startup kit's ``config.toml``.
+
+Every field has a documented default; unknown keys and wrong types are refused
+with :class:`ConfigError` naming the key, so a typo never silently falls back
+to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+from secure_xfl.errors import ConfigError
+from secure_xfl.transport.config import TransportConfig
+
+MAX_CONFIG_BYTES = 1024 * 1024
+Rule = Literal["fedavg", "dynamic", "gradient", "async", "fedadam", "fedyogi", "fedadagrad"]
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """Who takes part and how updates are protected."""
+
+    name: str = "federation"
+    """Federation name; appears in every certificate's SPIFFE URI."""
+    run: str = "run-0"
+    """Run id; signed into every update so updates cannot cross runs."""
+    preset: str = "xfl-default"
+    """CKKS preset (see ``secure_xfl.crypto.context.PRESETS``)."""
+    min_clients: int = 2
+    """Fewest clients an aggregate must cover before the key holder decrypts it."""
+    rounds: int = 3
+    """Rounds in the run."""
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Client-level differential privacy and the run's budget."""
+
+    clip_norm: float = 1.0
+    """L2 bound C on each client's whole update."""
+    noise_multiplier: float = 0.0
+    """σ: each client adds N(0, σ²C²/min_clients); 0 turns DP off (and ε is infinite)."""
+    delta: float = 1e-5
+    """δ of the (ε, δ) guarantee."""
+    epsilon_budget: float = 0.0
+    """Key holder refuses rounds that would spend more ε than this; 0 = no budget."""
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """How a round is run and closed."""
+
+    rule: Rule = "fedavg"
+    """Server aggregation rule."""
+    weighting: Literal["aggregator", "client"] = "aggregator"
+    """Who applies the aggregation weight: the aggregator on ciphertexts, or the client."""
+    weight_cap: float = 1e6
+    """Public bound on a client's weight (sample count); weights are divided by it."""
+    timeout_s: float = 600.0
+    """A round closes this long after it opens if at least min_clients have uploaded."""
+    server_lr: float = 1.0
+    """Server learning rate applied to the decrypted aggregate."""
+    local_steps: int = 10
+    """Local optimisation steps per round on each client."""
+    local_lr: float = 1e-3
+    """Client learning rate."""
+    batch_size: int = 8
+    """Client batch size."""
+    seed: int = 0
+    """Seed of the initial global model (identical on every party)."""
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the services listen (HOST:PORT)."""
+
+    aggregator: str = "127.0.0.1:7443"
+    """Aggregator address, used by clients."""
+    keyholder: str = "127.0.0.1:7444"
+    """Key holder address, used by the aggregator."""
+
+
+@dataclass(frozen=True)
+class PartySettings:
+    """This kit's own identity."""
+
+    role: Literal["client", "aggregator", "keyholder"] = "client"
+    """Role named in this party's certificate."""
+    name: str = "main"
+    """Name in this party's certificate."""
+
+
+@dataclass(frozen=True)
+class KitConfig:
+    """Everything in ``config.toml``."""
+
+    party: PartySettings = field(default_factory=PartySettings)
+    """This party."""
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    """Federation-wide settings (identical in every kit)."""
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    """Differential privacy."""
+    round: RoundSettings = field(default_factory=RoundSettings)
+    """Round control."""
+    endpoints: Endpoints = field(default_factory=Endpoints)
+    """Service addresses."""
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    """QUIC settings."""
+
+
+T = TypeVar("T")
+
+
+def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {sorted(fields)})")
+        hint = hints[key]
+        allowed = get_args(hint) if get_origin(hint) is Literal else None
+        if allowed is not None:
+            if value not in allowed:
+                raise ConfigError(f"{where}.{key} must be one of {allowed}")
+        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif isinstance(hint, type) and (
+            not isinstance(value, hint) or (hint is not bool and isinstance(value, bool))
+        ):
+            raise ConfigError(f"{where}.{key} must be {hint.__name__}")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "party": PartySettings,
+    "federation": FederationSettings,
+    "privacy": PrivacySettings,
+    "round": RoundSettings,
+    "endpoints": Endpoints,
+    "transport": TransportConfig,
+}
+
+
+def parse_config(data: dict[str, Any], where: str = "config") -> KitConfig:
+    """Build a :class:`KitConfig` from parsed TOML."""
+    sections: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section [{key}]")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: [{key}] must be a table")
+        sections[key] = _build(SECTIONS[key], value, f"{where}[{key}]")
+    cfg = KitConfig(**sections)
+    if cfg.federation.min_clients < 1 or cfg.federation.rounds < 1:
+        raise ConfigError("federation.min_clients and federation.rounds must be ≥ 1")
+    if cfg.privacy.noise_multiplier < 0 or cfg.privacy.clip_norm <= 0:
+        raise ConfigError("privacy.noise_multiplier must be ≥ 0 and clip_norm > 0")
+    if not 0 < cfg.privacy.delta < 1:
+        raise ConfigError("privacy.delta must lie in (0, 1)")
+    return cfg
+
+
+def load_config(path: Path) -> KitConfig:
+    """Read and validate ``config.toml`` (size-bounded)."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    return parse_config(data, str(path))
+
+
+def config_to_dict(cfg: KitConfig) -> dict[str, Any]:
+    """The TOML-ready form (for writing kits)."""
+    out: dict[str, Any] = {}
+    for name in SECTIONS:
+        section = dataclasses.asdict(getattr(cfg, name))
+        out[name] = {k: v for k, v in section.items() if v is not None}
+    return out

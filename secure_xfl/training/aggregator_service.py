@@ -1,0 +1,221 @@
+"""The aggregator process: a QUIC adapter around :class:`Coordinator`.
+
+Clients (role ``client``) call ``hello``, ``task`` and ``upload``; a background
+loop ticks the coordinator and forwards closed rounds to the key holder. All
+coordinator calls are serialised by one lock and run in a worker thread, since
+CKKS accumulation is CPU-bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from secure_xfl.crypto.context import check_context_matches, get_preset
+from secure_xfl.crypto.pki import PeerIdentity
+from secure_xfl.errors import SecureXFLError
+from secure_xfl.kit import Kit
+from secure_xfl.training.coordinator import Coordinator, CoordinatorSettings, DecryptRequest
+from secure_xfl.training.rules import ServerRule
+from secure_xfl.training.runtime import Peer, install_stop_signals, parse_address, watch_crl
+from secure_xfl.transport import messages
+from secure_xfl.transport.errors import RemoteError
+from secure_xfl.transport.rpc import RpcServer
+
+log = logging.getLogger("secure_xfl.aggregator")
+
+
+class AggregatorService:
+    """Owns the coordinator, the RPC handler and the key-holder connection."""
+
+    def __init__(
+        self,
+        kit: Kit,
+        *,
+        keyholder: str,
+        model: dict[str, np.ndarray],
+        out_dir: Path | None = None,
+        announce: dict[str, Any] | None = None,
+    ) -> None:
+        cfg = kit.config
+        self.kit = kit
+        self.preset = get_preset(cfg.federation.preset)
+        ctx = kit.public_context()
+        check_context_matches(ctx, self.preset)
+        self._certs = kit.client_certificates()
+        rule = cfg.round.rule
+        settings = CoordinatorSettings(
+            run=cfg.federation.run,
+            rounds=cfg.federation.rounds,
+            min_clients=cfg.federation.min_clients,
+            timeout_s=cfg.round.timeout_s,
+            weighting=cfg.round.weighting,
+            # e^{-L} weights are already ≤ 1; dividing them by a large cap would only
+            # amplify the CKKS error floor.
+            weight_cap=1.0 if rule == "dynamic" else cfg.round.weight_cap,
+            announce={
+                "rule": rule,
+                "local_steps": cfg.round.local_steps,
+                "local_lr": cfg.round.local_lr,
+                "batch_size": cfg.round.batch_size,
+                "clip_norm": cfg.privacy.clip_norm,
+                "noise_multiplier": cfg.privacy.noise_multiplier,
+                "min_clients": cfg.federation.min_clients,
+                "delta": cfg.privacy.delta,
+                **(announce or {}),
+            },
+        )
+        self.core = Coordinator(
+            settings,
+            ctx=ctx,
+            preset=self.preset,
+            enrolled=self._enrolled,
+            model=model,
+            rule=ServerRule(name=rule, lr=cfg.round.server_lr),
+            now=time.monotonic(),
+        )
+        self.keyholder = Peer(
+            tls=kit.tls, role="keyholder", address=keyholder, config=cfg.transport
+        )
+        self.out_dir = out_dir
+        self._lock = asyncio.Lock()
+        self._done_seen: set[str] = set()
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self._save_model(0)
+
+    def _enrolled(self) -> dict[str, Any]:
+        return self._certs
+
+    def refresh_enrolment(self) -> None:
+        """Re-read the kit's client certificates (new clients, revocations)."""
+        self._certs = self.kit.client_certificates()
+
+    # -- client requests ---------------------------------------------------------------
+    async def handle(self, peer: PeerIdentity, data: bytes) -> bytes:
+        msg = messages.decode(data, expect={"hello", "task", "upload"})
+        name = peer.name
+        if name not in self._certs:
+            self.refresh_enrolment()  # a client added after start-up
+        async with self._lock:
+            if msg["t"] == "hello":
+                return messages.encode("welcome", **self.core.hello(name))
+            if msg["t"] == "task":
+                after = messages.require(msg, "after", int, lo=-1, hi=2**31)
+                kind, fields = self.core.task(name, after)
+                if kind == "done":
+                    self._done_seen.add(name)
+                if kind == "round":
+                    fields["model"] = messages.pack_tensors(fields["model"])
+                    reply = messages.encode(kind, **fields)
+                    self.core.note_download(len(reply))
+                    return reply
+                return messages.encode(kind, **fields)
+            rnd = messages.require(msg, "round", int, lo=0, hi=2**31)
+            blob = messages.require(msg, "update", bytes)
+            ack = await asyncio.to_thread(self.core.upload, name, rnd, blob)
+            return messages.encode("ack", **ack)
+
+    # -- the round loop ----------------------------------------------------------------
+    async def _decrypt(self, req: DecryptRequest) -> None:
+        core = self.core
+        try:
+            reply = await self.keyholder.call(
+                "decrypt", expect={"plain"}, aggregate=req.aggregate, timeout=600.0
+            )
+            vec = messages.unpack_vector(reply.get("vector"), core.layout.numel)
+            info = {
+                "participants": reply.get("participants"),
+                "noise_multiplier": reply.get("noise_multiplier"),
+                "epsilon": reply.get("epsilon"),
+                "total_weight": reply.get("total_weight"),
+            }
+            async with self._lock:
+                await asyncio.to_thread(core.decrypted, req.round, vec, info, time.monotonic())
+                self._log_round(core.history[-1])
+                self._save_model(req.round + 1)
+        except (RemoteError, SecureXFLError) as exc:
+            async with self._lock:
+                core.decrypt_failed(req.round, exc, time.monotonic())
+
+    def _log_round(self, rec: Any) -> None:
+        line = {
+            "round": rec.round,
+            "participants": list(rec.participants),
+            "bytes_up": rec.bytes_up,
+            "bytes_down": rec.bytes_down,
+            "seconds": round(rec.finished_at - rec.opened_at, 3),
+            **{k: v for k, v in rec.info.items() if k != "participants"},
+        }
+        log.info("round %d done: %s", rec.round, json.dumps(line))
+        if self.out_dir is not None:
+            with open(self.out_dir / "rounds.jsonl", "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+
+    def _save_model(self, round: int) -> None:
+        if self.out_dir is None:
+            return
+        params = self.core.params
+        np.save(self.out_dir / f"global-{round}.npy", params, allow_pickle=False)
+
+    async def run(self, stop: asyncio.Event, *, linger_s: float = 30.0) -> bool:
+        """Tick until the run finishes (or ``stop``); then let clients hear ``done``."""
+        core = self.core
+        while not stop.is_set() and core.phase != "finished":
+            async with self._lock:
+                req = core.tick(time.monotonic())
+            if req is not None:
+                await self._decrypt(req)
+            else:
+                await asyncio.sleep(0.05)
+        deadline = time.monotonic() + linger_s
+        while not stop.is_set() and time.monotonic() < deadline:
+            if self._done_seen >= set(self._certs):
+                break
+            await asyncio.sleep(0.1)
+        await self.keyholder.close()
+        if self.out_dir is not None:
+            (self.out_dir / "outcome.json").write_text(
+                json.dumps({"ok": core.ok, "outcome": core.outcome, "rounds": len(core.history)})
+            )
+        return core.ok
+
+
+async def serve_aggregator(
+    kit: Kit,
+    *,
+    listen: str,
+    keyholder: str,
+    model: dict[str, np.ndarray],
+    out_dir: Path | None = None,
+    announce: dict[str, Any] | None = None,
+    ready: Any = None,
+) -> bool:
+    """Run the aggregator until the run ends or SIGTERM; True when all rounds completed."""
+    service = AggregatorService(
+        kit, keyholder=keyholder, model=model, out_dir=out_dir, announce=announce
+    )
+    server = RpcServer(
+        tls=kit.tls, allowed_roles=("client",), handler=service.handle, config=kit.config.transport
+    )
+    host, port = parse_address(listen)
+    bound = await server.start(host, port)
+    if ready is not None:
+        ready(bound)
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    watcher = asyncio.ensure_future(watch_crl(kit, server, stop))
+    log.info("aggregator of run %s serving on %s:%d", kit.config.federation.run, host, bound)
+    try:
+        return await service.run(stop)
+    finally:
+        stop.set()
+        await watcher
+        await server.close()
+        log.info("aggregator stopped: %s", service.core.outcome or "interrupted")

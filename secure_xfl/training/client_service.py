@@ -1,0 +1,187 @@
+"""The client process: fetch a round, train locally, protect the update, upload it.
+
+The local training itself is a :class:`Trainer`; this module only moves
+messages. The protected update is clipped and noised (when the run's σ > 0),
+encrypted under the public context and signed with this client's certificate key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from secure_xfl.crypto.codec import flatten, layout_of
+from secure_xfl.crypto.context import check_context_matches, get_preset
+from secure_xfl.crypto.protect import protect_vector
+from secure_xfl.errors import TrainingError
+from secure_xfl.kit import Kit
+from secure_xfl.privacy.dp import DPConfig
+from secure_xfl.training.rules import client_weight
+from secure_xfl.training.runtime import Peer, install_stop_signals
+from secure_xfl.transport import messages
+from secure_xfl.transport.errors import RemoteError
+
+log = logging.getLogger("secure_xfl.client")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What local training hands back."""
+
+    update: dict[str, np.ndarray]
+    """Change of each trainable tensor (or its gradient for gradient aggregation)."""
+    num_samples: int
+    """Training examples used (FedAvg weight)."""
+    loss: float | None = None
+    """Mean training loss (dynamic weighting)."""
+    metrics: Mapping[str, float] | None = None
+    """Anything else worth logging."""
+
+
+class Trainer(Protocol):
+    """Local training for one round."""
+
+    def train(self, model: dict[str, np.ndarray], round: int, settings: Mapping[str, Any]) -> TrainResult:
+        """Train from the global ``model``; return the update."""
+        ...
+
+
+class RandomTrainer:
+    """Deterministic pseudo-random updates, for integration tests and transport checks.
+
+    Client c's update in round r is N(0, scale²) drawn from a generator seeded by
+    (seed, crc32(c), r), so a test can recompute every expected aggregate.
+    """
+
+    def __init__(self, client: str, *, seed: int = 0, scale: float = 0.01) -> None:
+        self.client = client
+        self.seed = seed
+        self.scale = scale
+
+    @staticmethod
+    def samples_for(client: str) -> int:
+        """Fixed, distinct per-client sample counts (so FedAvg weights differ)."""
+        return 100 + zlib.crc32(client.encode()) % 900
+
+    @staticmethod
+    def update_for(client: str, round: int, model: Mapping[str, np.ndarray], seed: int = 0,
+                   scale: float = 0.01) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([seed, zlib.crc32(client.encode()), round])
+        return {k: rng.normal(scale=scale, size=v.shape).astype(np.float32)
+                for k, v in sorted(model.items())}
+
+    def train(self, model: dict[str, np.ndarray], round: int, settings: Mapping[str, Any]) -> TrainResult:
+        return TrainResult(
+            update=self.update_for(self.client, round, model, self.seed, self.scale),
+            num_samples=self.samples_for(self.client),
+            loss=1.0,
+        )
+
+
+def dp_config(settings: Mapping[str, Any]) -> DPConfig | None:
+    """The announced DP settings, or None when σ = 0 (DP off)."""
+    sigma = float(settings.get("noise_multiplier", 0.0))
+    if sigma <= 0:
+        return None
+    return DPConfig(
+        clip_norm=float(settings["clip_norm"]),
+        noise_multiplier=sigma,
+        min_clients=int(settings["min_clients"]),
+        delta=float(settings.get("delta", 1e-5)),
+    )
+
+
+class ClientService:
+    """One client's loop against the aggregator."""
+
+    def __init__(self, kit: Kit, *, aggregator: str, trainer: Trainer) -> None:
+        self.kit = kit
+        self.name = kit.config.party.name
+        self.preset = get_preset(kit.config.federation.preset)
+        self.ctx = kit.public_context()
+        check_context_matches(self.ctx, self.preset)
+        self.trainer = trainer
+        self.peer = Peer(tls=kit.tls, role="aggregator", address=aggregator,
+                         config=kit.config.transport)
+        self.rounds_done: list[int] = []
+
+    def _protect(self, msg: Mapping[str, Any]) -> tuple[int, bytes]:
+        rnd = messages.require(msg, "round", int, lo=0, hi=2**31)
+        run = messages.require(msg, "run", str)
+        if run != self.kit.config.federation.run:
+            raise TrainingError(f"aggregator announced run {run!r}, our kit is for "
+                                f"{self.kit.config.federation.run!r}")
+        model = messages.unpack_tensors(msg.get("model"))
+        settings = messages.require(msg, "settings", dict)
+        weighting = messages.require(msg, "weighting", str)
+        cap = messages.require(msg, "weight_cap", float, lo=1e-12)
+        torch_model = {k: torch.from_numpy(v.copy()) for k, v in model.items()}
+        layout = layout_of(torch_model)
+        layout.check(messages.require(msg, "layout", bytes))
+        result = self.trainer.train(model, rnd, settings)
+        upd = {k: torch.from_numpy(np.asarray(v)) for k, v in result.update.items()}
+        vec = flatten(upd, layout)
+        rule = str(settings.get("rule", "fedavg"))
+        weight = client_weight(rule, result.num_samples, result.loss, cap)
+        if weighting == "client" and rule != "dynamic":
+            weight = weight / cap
+        protected = protect_vector(
+            vec,
+            ctx=self.ctx,
+            preset=self.preset,
+            layout=layout,
+            run=run,
+            round=rnd,
+            client=self.name,
+            signing_key=self.kit.tls.private_key,
+            weight=weight,
+            weighting="client" if weighting == "client" else "aggregator",
+            loss=result.loss,
+            dp=dp_config(settings),
+        )
+        log.info("round %d: trained on %d samples (loss %s), upload %.1f MB", rnd,
+                 result.num_samples, result.loss, len(blob := protected.encode()) / 1e6)
+        return rnd, blob
+
+    async def run(self, stop: asyncio.Event) -> str:
+        """Work rounds until the aggregator says ``done``; returns its reason."""
+        welcome = await self.peer.call("hello", expect={"welcome"})
+        log.info("joined run %s at round %s", welcome.get("run"), welcome.get("round"))
+        last = -1
+        try:
+            while not stop.is_set():
+                msg = await self.peer.call("task", expect={"round", "wait", "done"}, after=last)
+                if msg["t"] == "done":
+                    reason = str(msg.get("reason", ""))
+                    log.info("run finished: %s", reason)
+                    return reason
+                if msg["t"] == "wait":
+                    await asyncio.sleep(float(messages.require(msg, "retry_s", float, lo=0, hi=60)))
+                    continue
+                rnd, blob = await asyncio.to_thread(self._protect, msg)
+                try:
+                    await self.peer.call("upload", expect={"ack"}, round=rnd, update=blob,
+                                         timeout=600.0)
+                except RemoteError as exc:
+                    if exc.code not in ("duplicate_update", "round_closed"):
+                        raise
+                    log.warning("round %d upload not counted: %s", rnd, exc)
+                last = rnd
+                self.rounds_done.append(rnd)
+            return "stopped"
+        finally:
+            await self.peer.close()
+
+
+async def serve_client(kit: Kit, *, aggregator: str, trainer: Trainer) -> str:
+    """Run one client until the run ends or SIGTERM."""
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    return await ClientService(kit, aggregator=aggregator, trainer=trainer).run(stop)

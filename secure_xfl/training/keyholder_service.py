@@ -1,0 +1,150 @@
+"""The key-holder process: decrypts aggregates for the aggregator, under policy and budget.
+
+Only peers whose certificate names the ``aggregator`` role may connect. Each
+decryption is checked by :class:`~secure_xfl.crypto.keyholder.KeyHolder`,
+checked against the privacy budget, written to the signed ledger, and only then
+decrypted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from secure_xfl.crypto.context import check_context_matches, get_preset
+from secure_xfl.crypto.errors import DecryptionRefused
+from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy, Release
+from secure_xfl.crypto.pki import PeerIdentity
+from secure_xfl.kit import Kit
+from secure_xfl.privacy.ledger import PrivacyLedger
+from secure_xfl.training.runtime import install_stop_signals, parse_address, watch_crl
+from secure_xfl.transport import messages
+from secure_xfl.transport.rpc import RpcServer
+
+log = logging.getLogger("secure_xfl.keyholder")
+
+LEDGER_FILE = "ledger.jsonl"
+
+
+class KeyHolderService:
+    """Glue between the RPC server, the key holder's policy and the privacy ledger."""
+
+    def __init__(self, kit: Kit, *, state_dir: Path | None = None) -> None:
+        cfg = kit.config
+        self.kit = kit
+        self.preset = get_preset(cfg.federation.preset)
+        ctx = kit.secret_context()
+        check_context_matches(ctx, self.preset)
+        self.state_dir = state_dir or kit.path / "state"
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.ledger = PrivacyLedger(self.state_dir / LEDGER_FILE, kit.tls.private_key)
+        self.rule = cfg.round.rule
+        self.holder = KeyHolder(
+            ctx=ctx,
+            preset=self.preset,
+            policy=KeyHolderPolicy(
+                run=cfg.federation.run,
+                min_clients=cfg.federation.min_clients,
+                noise_multiplier=cfg.privacy.noise_multiplier,
+            ),
+            client_keys=kit.client_certificates(),
+            state_dir=self.state_dir,
+            before_release=self._check_budget,
+            after_release=self._record,
+        )
+        self._lock = asyncio.Lock()
+
+    # -- policy hooks ------------------------------------------------------------------
+    def _sample_rate(self, release: Release) -> float:
+        enrolled = max(len(self.holder.client_keys), len(release.participants))
+        return len(release.participants) / enrolled
+
+    def _check_budget(self, release: Release) -> None:
+        budget = self.kit.config.privacy.epsilon_budget
+        if budget <= 0:
+            return
+        eps = self.ledger.would_spend(
+            release.run,
+            noise_multiplier=release.noise_multiplier,
+            sample_rate=self._sample_rate(release),
+            delta=self.kit.config.privacy.delta,
+        )
+        if eps > budget:
+            raise DecryptionRefused(
+                "budget_exceeded",
+                f"round {release.round} would bring ε to {eps:.3f} > budget {budget}",
+            )
+
+    def _record(self, release: Release) -> None:
+        p = self.kit.config.privacy
+        rate = self._sample_rate(release)
+        eps = self.ledger.would_spend(
+            release.run, noise_multiplier=release.noise_multiplier, sample_rate=rate,
+            delta=p.delta,
+        )
+        self.ledger.append(
+            run=release.run,
+            round=release.round,
+            participants=list(release.participants),
+            enrolled=max(len(self.holder.client_keys), len(release.participants)),
+            clip_norm=p.clip_norm,
+            noise_multiplier=release.noise_multiplier,
+            sample_rate=rate,
+            delta=p.delta,
+            rule=self.rule,
+            epsilon=eps,
+        )
+
+    # -- requests ----------------------------------------------------------------------
+    async def handle(self, peer: PeerIdentity, data: bytes) -> bytes:
+        msg = messages.decode(data, expect={"decrypt", "status"})
+        if msg["t"] == "status":
+            return messages.encode(
+                "info",
+                run=self.kit.config.federation.run,
+                preset=self.preset.name,
+                min_clients=self.holder.policy.min_clients,
+                epsilon=self.ledger.spent(self.kit.config.federation.run,
+                                          self.kit.config.privacy.delta),
+            )
+        blob = messages.require(msg, "aggregate", bytes)
+        async with self._lock:  # one decryption at a time: the once-only record is sequential
+            self.holder.client_keys = self.kit.client_certificates()  # pick up enrolments
+            result = await asyncio.to_thread(self.holder.decrypt, blob)
+        rel = result.release
+        log.info("released round %d of run %s to %s", rel.round, rel.run, peer)
+        return messages.encode(
+            "plain",
+            round=rel.round,
+            vector=messages.pack_vector(result.vector),
+            participants=list(rel.participants),
+            total_weight=result.total_weight,
+            noise_multiplier=rel.noise_multiplier,
+            epsilon=self.ledger.spent(rel.run, self.kit.config.privacy.delta),
+        )
+
+
+async def serve_keyholder(kit: Kit, listen: str, *, ready: Any = None) -> None:
+    """Run the key holder until SIGTERM/SIGINT."""
+    service = KeyHolderService(kit)
+    server = RpcServer(
+        tls=kit.tls,
+        allowed_roles=("aggregator",),
+        handler=service.handle,
+        config=kit.config.transport,
+    )
+    host, port = parse_address(listen)
+    bound = await server.start(host, port)
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    log.info("key holder of run %s serving on %s:%d", kit.config.federation.run, host, bound)
+    if ready is not None:
+        ready(bound)
+    try:
+        await watch_crl(kit, server, stop)
+    finally:
+        await server.close()
+        service.holder.close()
+        log.info("key holder stopped")
