@@ -142,7 +142,8 @@ def _as_float64(vec: Any, *, inplace: bool) -> FloatArray:
 
 def _l2_norm(flat: FloatArray) -> float:
     """L2 norm without temporaries; rejects NaN/Inf and survives overflow."""
-    sq = float(np.dot(flat, flat))
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = float(np.dot(flat, flat))
     if math.isfinite(sq):
         return math.sqrt(sq)
     if not bool(np.isfinite(flat).all()):

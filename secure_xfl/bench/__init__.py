@@ -1,0 +1,1 @@
+"""Benchmarks (transport goodput and friends); each module has a ``__main__``."""

@@ -1,0 +1,115 @@
+"""Run real federations for integration and security tests: separate OS processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+CLI = [sys.executable, "-m", "secure_xfl.cli"]
+
+
+def provision(tmp: Path, clients: Sequence[str], **sections: dict[str, object]) -> Path:
+    """`secure-xfl provision` with a config overriding the given sections."""
+    cfg = tmp / "base.toml"
+    cfg.write_text(tomli_w.dumps(sections))
+    out = tmp / "fed"
+    subprocess.run(
+        [*CLI, "provision", "--federation", "test", "--clients", ",".join(clients),
+         "--out", str(out), "--config", str(cfg)],
+        check=True, capture_output=True, timeout=120,
+    )
+    return out
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Federation:
+    root: Path
+    procs: dict[str, Proc] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def start(self, name: str, *args: str, port_file: bool = False) -> Proc:
+        log = self.root / f"{name}.log"
+        extra: list[str] = []
+        pf = self.root / f"{name}.port"
+        if port_file:
+            pf.unlink(missing_ok=True)
+            extra = ["--listen", "127.0.0.1:0", "--port-file", str(pf)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        popen = subprocess.Popen(
+            [*CLI, *args, *extra], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env
+        )
+        proc = Proc(name, popen, log)
+        self.procs[name] = proc
+        if port_file:
+            deadline = time.monotonic() + 60
+            while not pf.exists():
+                if popen.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not start:\n{proc.text()}")
+                time.sleep(0.1)
+            self.ports[name] = int(pf.read_text())
+        return proc
+
+    def start_keyholder(self) -> int:
+        self.start("keyholder", "keyholder", "--kit", str(self.root / "keyholder"), port_file=True)
+        return self.ports["keyholder"]
+
+    def start_aggregator(self, model: str = "vector:3000") -> int:
+        self.start(
+            "aggregator", "aggregator", "--kit", str(self.root / "aggregator"),
+            "--keyholder", f"127.0.0.1:{self.ports['keyholder']}", "--model", model,
+            "--out", str(self.root / "agg-out"), port_file=True,
+        )
+        return self.ports["aggregator"]
+
+    def start_client(self, name: str, *extra: str) -> Proc:
+        return self.start(
+            f"client-{name}", "client", "--kit", str(self.root / f"client-{name}"),
+            "--aggregator", f"127.0.0.1:{self.ports['aggregator']}", *extra,
+        )
+
+    def wait(self, name: str, timeout: float = 180) -> int:
+        proc = self.procs[name]
+        try:
+            return proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} still running after {timeout}s:\n{proc.text()}") from None
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.popen.poll() is None:
+                proc.popen.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n}\n{p.text()[-3000:]}" for n, p in self.procs.items())
+
+
+@contextmanager
+def federation(root: Path) -> Iterator[Federation]:
+    fed = Federation(root)
+    try:
+        yield fed
+    finally:
+        fed.stop_all()

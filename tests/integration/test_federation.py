@@ -1,0 +1,73 @@
+"""Two rounds over real processes, real QUIC/mTLS, real CKKS: the aggregates are exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from secure_xfl.crypto.context import get_preset, load_context
+from secure_xfl.errors import SecureXFLError
+from secure_xfl.training.client_service import RandomTrainer
+from tests.federation import federation, provision
+
+CLIENTS = ("alpha", "beta", "gamma")
+NUMEL = 3000
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def expected_models(rounds: int) -> list[np.ndarray]:
+    """Recompute the global model after each round from the clients' deterministic updates."""
+    model = {"weight": np.zeros(NUMEL, dtype=np.float32)}
+    params = np.zeros(NUMEL)
+    out = [params.copy()]
+    for r in range(rounds):
+        n = {c: RandomTrainer.samples_for(c) for c in CLIENTS}
+        avg = sum(n[c] * RandomTrainer.update_for(c, r, model)["weight"].astype(np.float64)
+                  for c in CLIENTS) / sum(n.values())
+        params = params + avg
+        model = {"weight": params.astype(np.float32)}
+        out.append(params.copy())
+    return out
+
+
+def test_two_rounds_over_real_processes(tmp_path: Path) -> None:
+    root = provision(
+        tmp_path, CLIENTS,
+        federation={"rounds": 2, "min_clients": 3},
+        round={"timeout_s": 60.0, "weight_cap": 1000.0},
+    )
+    with federation(root) as fed:
+        fed.start_keyholder()
+        fed.start_aggregator(f"vector:{NUMEL}")
+        for c in CLIENTS:
+            fed.start_client(c)
+        assert fed.wait("aggregator") == 0, fed.logs()
+        for c in CLIENTS:
+            assert fed.wait(f"client-{c}", timeout=60) == 0, fed.logs()
+
+    out = root / "agg-out"
+    expected = expected_models(2)
+    preset = get_preset("xfl-default")
+    for r in range(3):
+        got = np.load(out / f"global-{r}.npy", allow_pickle=False)
+        # Each round adds at most the preset's bound on a weighted average of |x| ≤ 0.06.
+        bound = r * preset.error_bound(0.06, len(CLIENTS), 3 * 100 / 1000)
+        assert np.abs(got - expected[r]).max() <= bound, f"round {r}"
+    assert (out / "rounds.jsonl").read_text().count("\n") == 2
+
+
+def test_aggregator_kit_holds_nothing_that_can_decrypt(tmp_path: Path) -> None:
+    root = provision(tmp_path, CLIENTS)
+    agg = root / "aggregator"
+    assert not (agg / "ckks-secret.ctx").exists()
+    for path in sorted(p for p in agg.rglob("*") if p.is_file()):
+        try:
+            ctx = load_context(path.read_bytes())
+        except SecureXFLError:
+            continue  # not a context at all
+        assert not ctx.has_secret_key(), path
+        assert ctx.is_public()
+    assert load_context((root / "keyholder" / "ckks-secret.ctx").read_bytes()).has_secret_key()
