@@ -1,4 +1,4 @@
-"""``secure-xfl`` command line: provision | keyholder | aggregator | client | demo | audit | bench."""
+"""``secure-xfl`` command line: provision, keyholder, aggregator, client, demo, audit, bench."""
 
 from __future__ import annotations
 
@@ -81,8 +81,9 @@ def _cmd_client(args: argparse.Namespace) -> int:
     kit = Kit.load(Path(args.kit), role="client")
     trainer = RandomTrainer(kit.config.party.name, seed=args.seed)
     reason = asyncio.run(
-        serve_client(kit, aggregator=args.aggregator or kit.config.endpoints.aggregator,
-                     trainer=trainer)
+        serve_client(
+            kit, aggregator=args.aggregator or kit.config.endpoints.aggregator, trainer=trainer
+        )
     )
     return 0 if reason == "completed" else 1
 

@@ -49,7 +49,7 @@ from secure_xfl.transport.config import TlsIdentity
 log = logging.getLogger(__name__)
 
 PUBLIC_CTX = "ckks-public.ctx"
-SECRET_CTX = "ckks-secret.ctx"
+SECRET_CTX = "ckks-secret.ctx"  # noqa: S105 - a file name, not a secret
 
 
 def _party_dir(out: Path, role: str, name: str) -> Path:

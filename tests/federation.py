@@ -22,9 +22,21 @@ def provision(tmp: Path, clients: Sequence[str], **sections: dict[str, object]) 
     cfg.write_text(tomli_w.dumps(sections))
     out = tmp / "fed"
     subprocess.run(
-        [*CLI, "provision", "--federation", "test", "--clients", ",".join(clients),
-         "--out", str(out), "--config", str(cfg)],
-        check=True, capture_output=True, timeout=120,
+        [
+            *CLI,
+            "provision",
+            "--federation",
+            "test",
+            "--clients",
+            ",".join(clients),
+            "--out",
+            str(out),
+            "--config",
+            str(cfg),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     return out
 
@@ -73,16 +85,29 @@ class Federation:
 
     def start_aggregator(self, model: str = "vector:3000") -> int:
         self.start(
-            "aggregator", "aggregator", "--kit", str(self.root / "aggregator"),
-            "--keyholder", f"127.0.0.1:{self.ports['keyholder']}", "--model", model,
-            "--out", str(self.root / "agg-out"), port_file=True,
+            "aggregator",
+            "aggregator",
+            "--kit",
+            str(self.root / "aggregator"),
+            "--keyholder",
+            f"127.0.0.1:{self.ports['keyholder']}",
+            "--model",
+            model,
+            "--out",
+            str(self.root / "agg-out"),
+            port_file=True,
         )
         return self.ports["aggregator"]
 
     def start_client(self, name: str, *extra: str) -> Proc:
         return self.start(
-            f"client-{name}", "client", "--kit", str(self.root / f"client-{name}"),
-            "--aggregator", f"127.0.0.1:{self.ports['aggregator']}", *extra,
+            f"client-{name}",
+            "client",
+            "--kit",
+            str(self.root / f"client-{name}"),
+            "--aggregator",
+            f"127.0.0.1:{self.ports['aggregator']}",
+            *extra,
         )
 
     def wait(self, name: str, timeout: float = 180) -> int:

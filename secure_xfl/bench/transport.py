@@ -168,7 +168,9 @@ def tls_tcp_goodput(payload_bytes: int) -> float:
         return _with_receiver(_tcp_receiver, (tmp,), upload)
 
 
-def run(payload_mb: int = 100, datagram_sizes: tuple[int, ...] = (1200, 1452, 9000)) -> list[dict]:  # type: ignore[type-arg]
+def run(
+    payload_mb: int = 100, datagram_sizes: tuple[int, ...] = (1200, 1452, 9000)
+) -> list[dict[str, Any]]:
     """One row per datagram size: QUIC goodput vs the TLS/TCP baseline."""
     payload_bytes = payload_mb * 1_000_000
     baseline = tls_tcp_goodput(payload_bytes)
@@ -187,9 +189,15 @@ def run(payload_mb: int = 100, datagram_sizes: tuple[int, ...] = (1200, 1452, 90
     return rows
 
 
-def _markdown(rows: list[dict]) -> str:  # type: ignore[type-arg]
-    lines = ["| metric | unit | ours (QUIC mTLS) | baseline (TLS/TCP) | ratio |", "|---|---|---|---|---|"]
-    lines += [f"| {r['metric']} | {r['unit']} | {r['ours']} | {r['baseline']} | {r['ratio']} |" for r in rows]
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| metric | unit | ours (QUIC mTLS) | baseline (TLS/TCP) | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['metric']} | {r['unit']} | {r['ours']} | {r['baseline']} | {r['ratio']} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 

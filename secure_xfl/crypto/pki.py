@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from secure_xfl.crypto.errors import SignatureInvalid
 from secure_xfl.errors import CryptoError
 
 __all__ = [
@@ -95,12 +96,6 @@ class PkiFileError(PkiError):
     """A PEM file is missing, too large, or does not hold what it should."""
 
     code = "pki_file"
-
-
-class SignatureInvalid(PkiError):
-    """A signature does not verify under the given key."""
-
-    code = "bad_signature"
 
 
 class PeerRejected(PkiError):

@@ -245,7 +245,11 @@ def effective_noise_multiplier(sigma: float, min_clients: int, weights: Sequence
     s = _finite_number("sigma", sigma)
     if s < 0:
         raise InvalidDPConfig(f"sigma must be ≥ 0, got {s}")
-    if isinstance(min_clients, bool) or not isinstance(min_clients, int) or min_clients < 1:
+    if (
+        isinstance(min_clients, bool)
+        or not isinstance(min_clients, int | np.integer)
+        or min_clients < 1
+    ):
         raise InvalidDPConfig(f"min_clients must be an int ≥ 1, got {min_clients!r}")
     ws = [_finite_number("weight", w) for w in weights]
     if not ws or any(w < 0 for w in ws) or max(ws) == 0:
@@ -254,4 +258,4 @@ def effective_noise_multiplier(sigma: float, min_clients: int, weights: Sequence
     # Normalising by the largest weight first keeps the sum of squares from
     # overflowing or underflowing for extreme (but legal) weights.
     ratio = math.sqrt(math.fsum((w / top) ** 2 for w in ws))
-    return s * ratio / math.sqrt(min_clients)
+    return s * ratio / math.sqrt(int(min_clients))

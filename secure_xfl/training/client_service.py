@@ -48,7 +48,9 @@ class TrainResult:
 class Trainer(Protocol):
     """Local training for one round."""
 
-    def train(self, model: dict[str, np.ndarray], round: int, settings: Mapping[str, Any]) -> TrainResult:
+    def train(
+        self, model: dict[str, np.ndarray], round: int, settings: Mapping[str, Any]
+    ) -> TrainResult:
         """Train from the global ``model``; return the update."""
         ...
 
@@ -71,13 +73,18 @@ class RandomTrainer:
         return 100 + zlib.crc32(client.encode()) % 900
 
     @staticmethod
-    def update_for(client: str, round: int, model: Mapping[str, np.ndarray], seed: int = 0,
-                   scale: float = 0.01) -> dict[str, np.ndarray]:
+    def update_for(
+        client: str, round: int, model: Mapping[str, np.ndarray], seed: int = 0, scale: float = 0.01
+    ) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, zlib.crc32(client.encode()), round])
-        return {k: rng.normal(scale=scale, size=v.shape).astype(np.float32)
-                for k, v in sorted(model.items())}
+        return {
+            k: rng.normal(scale=scale, size=v.shape).astype(np.float32)
+            for k, v in sorted(model.items())
+        }
 
-    def train(self, model: dict[str, np.ndarray], round: int, settings: Mapping[str, Any]) -> TrainResult:
+    def train(
+        self, model: dict[str, np.ndarray], round: int, settings: Mapping[str, Any]
+    ) -> TrainResult:
         return TrainResult(
             update=self.update_for(self.client, round, model, self.seed, self.scale),
             num_samples=self.samples_for(self.client),
@@ -108,16 +115,19 @@ class ClientService:
         self.ctx = kit.public_context()
         check_context_matches(self.ctx, self.preset)
         self.trainer = trainer
-        self.peer = Peer(tls=kit.tls, role="aggregator", address=aggregator,
-                         config=kit.config.transport)
+        self.peer = Peer(
+            tls=kit.tls, role="aggregator", address=aggregator, config=kit.config.transport
+        )
         self.rounds_done: list[int] = []
 
     def _protect(self, msg: Mapping[str, Any]) -> tuple[int, bytes]:
         rnd = messages.require(msg, "round", int, lo=0, hi=2**31)
         run = messages.require(msg, "run", str)
         if run != self.kit.config.federation.run:
-            raise TrainingError(f"aggregator announced run {run!r}, our kit is for "
-                                f"{self.kit.config.federation.run!r}")
+            raise TrainingError(
+                f"aggregator announced run {run!r}, our kit is for "
+                f"{self.kit.config.federation.run!r}"
+            )
         model = messages.unpack_tensors(msg.get("model"))
         settings = messages.require(msg, "settings", dict)
         weighting = messages.require(msg, "weighting", str)
@@ -146,8 +156,13 @@ class ClientService:
             loss=result.loss,
             dp=dp_config(settings),
         )
-        log.info("round %d: trained on %d samples (loss %s), upload %.1f MB", rnd,
-                 result.num_samples, result.loss, len(blob := protected.encode()) / 1e6)
+        log.info(
+            "round %d: trained on %d samples (loss %s), upload %.1f MB",
+            rnd,
+            result.num_samples,
+            result.loss,
+            len(blob := protected.encode()) / 1e6,
+        )
         return rnd, blob
 
     async def run(self, stop: asyncio.Event) -> str:
@@ -167,8 +182,9 @@ class ClientService:
                     continue
                 rnd, blob = await asyncio.to_thread(self._protect, msg)
                 try:
-                    await self.peer.call("upload", expect={"ack"}, round=rnd, update=blob,
-                                         timeout=600.0)
+                    await self.peer.call(
+                        "upload", expect={"ack"}, round=rnd, update=blob, timeout=600.0
+                    )
                 except RemoteError as exc:
                     if exc.code not in ("duplicate_update", "round_closed"):
                         raise

@@ -182,12 +182,19 @@ class Coordinator:
         """Verify and accumulate one protected update (atomic: all or nothing)."""
         self._check_peer(peer)
         if self.phase != "collecting" or round != self.round:
-            raise RoundClosed(f"round {round} is not collecting (current {self.round}, {self.phase})")
+            raise RoundClosed(
+                f"round {round} is not collecting (current {self.round}, {self.phase})"
+            )
         update = ProtectedUpdate.decode(blob)
         self.acc.add(update, peer=peer)
         self.record.bytes_up += len(blob)
-        log.info("round %d: update from %s accepted (%d/%d)", self.round, peer, self.acc.count,
-                 len(self.enrolled()))
+        log.info(
+            "round %d: update from %s accepted (%d/%d)",
+            self.round,
+            peer,
+            self.acc.count,
+            len(self.enrolled()),
+        )
         return {"round": self.round, "accepted": True, "count": self.acc.count}
 
     def note_download(self, nbytes: int) -> None:
@@ -208,16 +215,26 @@ class Coordinator:
             self.phase = "decrypting"
             self.record.closed_at = now
             self.record.participants = tuple(sorted(self.acc.clients))
-            log.info("round %d closed with %d clients%s", self.round, count,
-                     " at the deadline" if late and not complete else "")
+            log.info(
+                "round %d closed with %d clients%s",
+                self.round,
+                count,
+                " at the deadline" if late and not complete else "",
+            )
             return DecryptRequest(self.round, self.acc.result().encode())
         give_up = s.give_up_after_s or 3 * s.timeout_s
         if elapsed >= give_up:
-            self._finish(f"round {self.round} had {count} < min_clients {s.min_clients} uploads "
-                         f"after {elapsed:.0f}s", now, ok=False)
+            self._finish(
+                f"round {self.round} had {count} < min_clients {s.min_clients} uploads "
+                f"after {elapsed:.0f}s",
+                now,
+                ok=False,
+            )
         return None
 
-    def decrypted(self, round: int, average: np.ndarray, info: Mapping[str, Any], now: float) -> None:
+    def decrypted(
+        self, round: int, average: np.ndarray, info: Mapping[str, Any], now: float
+    ) -> None:
         """The key holder's weighted average arrived: apply the rule, open the next round."""
         if self.phase != "decrypting" or round != self.round:
             raise TrainingError(f"unexpected decryption result for round {round}")

@@ -81,7 +81,9 @@ class KeyHolderService:
         p = self.kit.config.privacy
         rate = self._sample_rate(release)
         eps = self.ledger.would_spend(
-            release.run, noise_multiplier=release.noise_multiplier, sample_rate=rate,
+            release.run,
+            noise_multiplier=release.noise_multiplier,
+            sample_rate=rate,
             delta=p.delta,
         )
         self.ledger.append(
@@ -106,8 +108,9 @@ class KeyHolderService:
                 run=self.kit.config.federation.run,
                 preset=self.preset.name,
                 min_clients=self.holder.policy.min_clients,
-                epsilon=self.ledger.spent(self.kit.config.federation.run,
-                                          self.kit.config.privacy.delta),
+                epsilon=self.ledger.spent(
+                    self.kit.config.federation.run, self.kit.config.privacy.delta
+                ),
             )
         blob = messages.require(msg, "aggregate", bytes)
         async with self._lock:  # one decryption at a time: the once-only record is sequential

@@ -71,8 +71,10 @@ class ServerRule:
         # Adaptive federated optimisation (Reddi et al. 2021): the average delta is a
         # pseudo-gradient fed to Adam / Yogi / Adagrad on the server.
         delta = average
-        self._m = delta * (1 - self.beta1) if self._m is None else (
-            self.beta1 * self._m + (1 - self.beta1) * delta
+        self._m = (
+            delta * (1 - self.beta1)
+            if self._m is None
+            else (self.beta1 * self._m + (1 - self.beta1) * delta)
         )
         sq = delta * delta
         if self._v is None:
@@ -83,4 +85,5 @@ class ServerRule:
             self._v = self.beta2 * self._v + (1 - self.beta2) * sq
         else:  # fedyogi
             self._v = self._v - (1 - self.beta2) * sq * np.sign(self._v - sq)
-        return current + self.lr * self._m / (np.sqrt(self._v) + self.tau)
+        new: np.ndarray = current + self.lr * self._m / (np.sqrt(self._v) + self.tau)
+        return new

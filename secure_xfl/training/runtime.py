@@ -36,8 +36,13 @@ class _KeyValueFormatter(logging.Formatter):
             msg += "\n" + self.formatException(record.exc_info)
         if self.as_json:
             return json.dumps(
-                {"time": ts, "level": record.levelname, "role": self.role,
-                 "logger": record.name, "msg": msg}
+                {
+                    "time": ts,
+                    "level": record.levelname,
+                    "role": self.role,
+                    "logger": record.name,
+                    "msg": msg,
+                }
             )
         return f"{ts} {record.levelname:<7} {self.role} {record.name}: {msg}"
 
@@ -90,7 +95,10 @@ class Peer:
         delay, deadline = 0.2, time.monotonic() + self.max_wait_s
         while True:
             client = RpcClient(
-                tls=self.tls, server_role=self.role, host=self.host, port=self.port,
+                tls=self.tls,
+                server_role=self.role,
+                host=self.host,
+                port=self.port,
                 config=self.config,
             )
             try:
@@ -99,13 +107,23 @@ class Peer:
             except TransportError as exc:
                 if time.monotonic() + delay > deadline:
                     raise
-                log.info("%s at %s:%d not reachable (%s); retrying in %.1fs",
-                         self.role, self.host, self.port, exc, delay)
+                log.info(
+                    "%s at %s:%d not reachable (%s); retrying in %.1fs",
+                    self.role,
+                    self.host,
+                    self.port,
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter
                 delay = min(delay * 2, 5.0)
 
     async def call(
-        self, msg_type: str, *, expect: Collection[str], timeout: float | None = None,
+        self,
+        msg_type: str,
+        *,
+        expect: Collection[str],
+        timeout: float | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
         """Send one message; reconnect once on a dropped connection; return the reply."""

@@ -33,9 +33,10 @@ aioquic internals relied upon (checked by :func:`check_aioquic`):
 ``tls.Context`` attributes ``_request_client_certificate``, ``_peer_certificate``,
 ``_peer_certificate_chain``, ``get_session_ticket_cb``, ``new_session_ticket_cb``
 and the five methods above; ``QuicConnection._initialize`` and ``.tls``.
-Tested: aioquic 1.7.2 (full test suite); accepted range: ``>=1.2,<1.8``, whose
-``tls.py`` keeps these names (1.2 passes an extra ``output_buf`` argument, which
-the overrides forward untouched).
+Accepted range: ``>=1.7,<1.8`` (full test suite run on 1.7.2). aioquic 1.2.0 was
+also tried: every mTLS security test passed (its handlers take an extra
+``output_buf`` argument, which the overrides forward untouched), but its stream
+reset path asserts on a double reset, so it stays outside the range.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ import logging
 import ssl
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from importlib.metadata import version as _dist_version
 from typing import Any
 
+import aioquic
 from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -69,7 +70,7 @@ __all__ = [
 log = logging.getLogger("secure_xfl.transport.mtls")
 
 #: aioquic versions (inclusive lower, exclusive upper) the hook is accepted on.
-AIOQUIC_RANGE: tuple[tuple[int, int], tuple[int, int]] = ((1, 2), (1, 8))
+AIOQUIC_RANGE: tuple[tuple[int, int], tuple[int, int]] = ((1, 7), (1, 8))
 
 _CONTEXT_METHODS = (
     "_server_handle_certificate",
@@ -83,7 +84,9 @@ _CONTEXT_METHODS = (
 
 def check_aioquic() -> str:
     """Refuse to run on an aioquic we have not vetted; returns its version string."""
-    installed = _dist_version("aioquic")
+    # The imported module's version, not the distribution metadata: what we hook is
+    # whatever code is actually imported.
+    installed = str(getattr(aioquic, "__version__", "0"))
     try:
         major_minor = tuple(int(p) for p in installed.split(".")[:2])
     except ValueError as exc:

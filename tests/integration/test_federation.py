@@ -25,8 +25,10 @@ def expected_models(rounds: int) -> list[np.ndarray]:
     out = [params.copy()]
     for r in range(rounds):
         n = {c: RandomTrainer.samples_for(c) for c in CLIENTS}
-        avg = sum(n[c] * RandomTrainer.update_for(c, r, model)["weight"].astype(np.float64)
-                  for c in CLIENTS) / sum(n.values())
+        avg = sum(
+            n[c] * RandomTrainer.update_for(c, r, model)["weight"].astype(np.float64)
+            for c in CLIENTS
+        ) / sum(n.values())
         params = params + avg
         model = {"weight": params.astype(np.float32)}
         out.append(params.copy())
@@ -35,7 +37,8 @@ def expected_models(rounds: int) -> list[np.ndarray]:
 
 def test_two_rounds_over_real_processes(tmp_path: Path) -> None:
     root = provision(
-        tmp_path, CLIENTS,
+        tmp_path,
+        CLIENTS,
         federation={"rounds": 2, "min_clients": 3},
         round={"timeout_s": 60.0, "weight_cap": 1000.0},
     )

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aioquic.asyncio import QuicConnectionProtocol, connect
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import QuicErrorCode
@@ -44,7 +45,9 @@ class _Recorder(QuicConnectionProtocol):
         super().quic_event_received(event)
 
 
-async def _raw_client_attempt(port: int, ca_pem: bytes, *, cert: Any = None, key: Any = None) -> int:
+async def _raw_client_attempt(
+    port: int, ca_pem: bytes, *, cert: Any = None, key: Any = None
+) -> int:
     """Stock aioquic client (no secure-xfl hook) that tries to send a request anyway.
 
     Returns the QUIC error code the connection was closed with.
@@ -135,7 +138,10 @@ def test_expired_certificate_is_refused(fed: Any, h: Any) -> None:
     """§2: "an expired ... certificate is refused"."""
     now = h.utcnow()
     expired = fed.identity(
-        "client", "old", not_before=now - dt.timedelta(days=10), not_after=now - dt.timedelta(days=1)
+        "client",
+        "old",
+        not_before=now - dt.timedelta(days=10),
+        not_after=now - dt.timedelta(days=1),
     )
 
     async def body(server: RpcServer, port: int, handler: Any) -> None:
@@ -151,7 +157,10 @@ def test_not_yet_valid_certificate_is_refused(fed: Any, h: Any) -> None:
     """§2: a certificate outside its validity window (not yet valid) is refused."""
     now = h.utcnow()
     early = fed.identity(
-        "client", "early", not_before=now + dt.timedelta(days=1), not_after=now + dt.timedelta(days=9)
+        "client",
+        "early",
+        not_before=now + dt.timedelta(days=1),
+        not_after=now + dt.timedelta(days=9),
     )
 
     async def body(server: RpcServer, port: int, handler: Any) -> None:
@@ -185,7 +194,9 @@ def test_revoked_certificate_is_refused_after_crl_reload(fed: Any, h: Any, tmp_p
     h.run(h.with_server(server_tls, ["client"], body))
 
 
-def test_crl_signed_by_another_ca_fails_closed(fed: Any, other_fed: Any, h: Any, tmp_path: Path) -> None:
+def test_crl_signed_by_another_ca_fails_closed(
+    fed: Any, other_fed: Any, h: Any, tmp_path: Path
+) -> None:
     """§2 revocation must be trustworthy: a CRL not signed by the run's CA is not trusted,
     and the server refuses peers rather than skip revocation checks."""
     crl_path = tmp_path / "crl.pem"
@@ -264,3 +275,16 @@ def test_verified_identity_reaches_handler(fed: Any, h: Any) -> None:
         assert handler.calls == [pki.PeerIdentity(fed.federation, "client", "hospital-a")]
 
     h.run(h.with_server(fed.identity("aggregator", "agg"), ["client"], body))
+
+
+def test_unvetted_aioquic_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """§2 "this must be built, with care": the hook depends on aioquic internals, so an
+    aioquic outside the vetted range is refused with a clear error, not run unsafely."""
+    import aioquic
+
+    from secure_xfl.transport import UnsupportedAioquic, mtls
+
+    assert mtls.check_aioquic() == aioquic.__version__
+    monkeypatch.setattr(aioquic, "__version__", "1.8.0")
+    with pytest.raises(UnsupportedAioquic):
+        mtls.check_aioquic()

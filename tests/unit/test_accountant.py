@@ -70,7 +70,9 @@ def test_rdp_grid_is_close_to_the_continuous_optimum() -> None:
     sigma, steps, delta = 3.0, 20, 1e-5
     fine = np.linspace(1.001, 2000, 2_000_000)
     rdp = steps * fine / (2 * sigma**2)
-    best = float(np.min(rdp - (np.log(delta) + np.log(fine)) / (fine - 1) + np.log((fine - 1) / fine)))
+    best = float(
+        np.min(rdp - (np.log(delta) + np.log(fine)) / (fine - 1) + np.log((fine - 1) / fine))
+    )
     assert epsilon_for(sigma, 1.0, steps, delta) == pytest.approx(best, rel=0.01)
 
 

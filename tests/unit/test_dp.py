@@ -31,7 +31,9 @@ finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinit
     vec=arrays(np.float64, st.integers(1, 64), elements=finite),
     clip=st.floats(min_value=1e-3, max_value=1e3),
 )
-def test_clipped_norm_never_exceeds_bound_and_direction_is_kept(vec: np.ndarray, clip: float) -> None:
+def test_clipped_norm_never_exceeds_bound_and_direction_is_kept(
+    vec: np.ndarray, clip: float
+) -> None:
     out, norm = clip_l2(vec, clip)
     assert norm == pytest.approx(float(np.linalg.norm(vec)), rel=1e-12, abs=1e-300)
     assert np.linalg.norm(out) <= clip * (1 + 1e-12)
@@ -152,7 +154,12 @@ def test_invalid_configs_raise_typed_errors(kwargs: dict[str, object]) -> None:
 
 
 def test_config_is_frozen_and_normalised() -> None:
-    cfg = DPConfig(clip_norm=np.float32(1.5), noise_multiplier=1, min_clients=np.int64(3))
+    # numpy scalars (e.g. read from a config array) are accepted and normalised.
+    cfg = DPConfig(
+        clip_norm=np.float32(1.5),  # type: ignore[arg-type]
+        noise_multiplier=1,
+        min_clients=np.int64(3),  # type: ignore[arg-type]
+    )
     assert type(cfg.clip_norm) is float and type(cfg.min_clients) is int
     with pytest.raises(AttributeError):
         cfg.clip_norm = 2.0  # type: ignore[misc]

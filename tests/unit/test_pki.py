@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -18,15 +20,16 @@ from secure_xfl.errors import CryptoError
 pytestmark = pytest.mark.timeout(30)
 FED = "fed-a"
 NOW = dt.datetime.now(dt.UTC)
+Ca = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
 
 
 @pytest.fixture(scope="module")
-def ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def ca() -> Ca:
     return pki.create_ca(FED)
 
 
-def leaf(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], role: str = "client", **kw: object):  # type: ignore[no-untyped-def]
-    return pki.issue_certificate(ca[0], ca[1], pki.PeerIdentity(FED, role, "c1"), **kw)  # type: ignore[arg-type]
+def leaf(ca: Ca, role: str = "client", **kw: Any) -> Ca:
+    return pki.issue_certificate(ca[0], ca[1], pki.PeerIdentity(FED, role, "c1"), **kw)
 
 
 def test_identity_roundtrip_and_strict_parse() -> None:
@@ -48,7 +51,7 @@ def test_identity_roundtrip_and_strict_parse() -> None:
             pki.PeerIdentity.parse(bad)
 
 
-def test_issue_and_verify(ca) -> None:  # type: ignore[no-untyped-def]
+def test_issue_and_verify(ca: Ca) -> None:
     cert, key = leaf(ca)
     assert isinstance(key.curve, ec.SECP256R1)
     assert pki.identity_of(cert) == pki.PeerIdentity(FED, "client", "c1")
@@ -59,7 +62,7 @@ def test_issue_and_verify(ca) -> None:  # type: ignore[no-untyped-def]
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
 
-def _reason(ca, chain, **kw) -> str:  # type: ignore[no-untyped-def]
+def _reason(ca: Ca, chain: list[x509.Certificate], **kw: Any) -> str:
     kw.setdefault("crl", None)
     kw.setdefault("allowed_roles", {"client"})
     with pytest.raises(pki.PeerRejected) as info:
@@ -68,7 +71,7 @@ def _reason(ca, chain, **kw) -> str:  # type: ignore[no-untyped-def]
     return info.value.reason
 
 
-def test_each_rejection_reason(ca) -> None:  # type: ignore[no-untyped-def]
+def test_each_rejection_reason(ca: Ca) -> None:
     cert, _ = leaf(ca)
     other_ca = pki.create_ca(FED)
     assert _reason(ca, []) == "no_certificate"
@@ -89,7 +92,7 @@ def test_each_rejection_reason(ca) -> None:  # type: ignore[no-untyped-def]
     pki.verify_peer([cert], ca[0], crl=clean, allowed_roles={"client"})
 
 
-def test_identity_requires_exactly_one_spiffe_uri(ca) -> None:  # type: ignore[no-untyped-def]
+def test_identity_requires_exactly_one_spiffe_uri(ca: Ca) -> None:
     cert, _ = leaf(ca)
     builder = (
         x509.CertificateBuilder()
@@ -117,7 +120,7 @@ def test_identity_requires_exactly_one_spiffe_uri(ca) -> None:  # type: ignore[n
         pki.identity_of(none)
 
 
-def test_signatures_ecdsa_and_ed25519(ca) -> None:  # type: ignore[no-untyped-def]
+def test_signatures_ecdsa_and_ed25519(ca: Ca) -> None:
     cert, key = leaf(ca)
     sig = pki.sign(key, b"digest")
     pki.verify_signature(cert, sig, b"digest")
@@ -130,7 +133,7 @@ def test_signatures_ecdsa_and_ed25519(ca) -> None:  # type: ignore[no-untyped-de
         pki.verify_signature(ed.public_key(), b"\0" * 64, b"x")
 
 
-def test_files_roundtrip_and_key_mode(ca, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_files_roundtrip_and_key_mode(ca: Ca, tmp_path: Path) -> None:
     cert, key = leaf(ca)
     key_path = tmp_path / "c1.key"
     old_umask = os.umask(0)  # the mode must come from os.open, not from the umask
@@ -153,7 +156,7 @@ def test_files_roundtrip_and_key_mode(ca, tmp_path: Path) -> None:  # type: igno
 
 
 @pytest.mark.parametrize("loader", [pki.load_certificate, pki.load_private_key, pki.load_crl])
-def test_garbage_files_raise_typed_errors(loader, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_garbage_files_raise_typed_errors(loader: Callable[[Path], object], tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n")
     with pytest.raises(pki.PkiFileError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 
@@ -200,7 +199,3 @@ def test_reply_over_client_limit_is_refused() -> None:
                 await c.call(bytes(90_000) + bytes(20_000), timeout=10)
 
     serve(body, max_message_bytes=10_000_000)
-
-
-def _unused(*_: Any) -> None:
-    return None
