@@ -80,12 +80,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
     kit = Kit.load(Path(args.kit), role="client")
     trainer = RandomTrainer(kit.config.party.name, seed=args.seed)
-    reason = asyncio.run(
+    ok = asyncio.run(
         serve_client(
             kit, aggregator=args.aggregator or kit.config.endpoints.aggregator, trainer=trainer
         )
     )
-    return 0 if reason == "completed" else 1
+    return 0 if ok else 1
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:

@@ -56,8 +56,12 @@ class RoundSettings:
 
     rule: Rule = "fedavg"
     """Server aggregation rule."""
-    weighting: Literal["aggregator", "client"] = "aggregator"
-    """Who applies the aggregation weight: the aggregator on ciphertexts, or the client."""
+    weighting: Literal["aggregator", "client"] = "client"
+    """Who applies the aggregation weight. ``client`` (default): each client scales its
+    clipped update by weight/weight_cap before noise, so every contribution keeps the
+    full DP noise and the aggregator only adds. ``aggregator``: the aggregator multiplies
+    ciphertexts by weight/weight_cap, which also scales the noise down (the key holder
+    records the lower effective σ, so ε grows faster)."""
     weight_cap: float = 1e6
     """Public bound on a client's weight (sample count); weights are divided by it."""
     timeout_s: float = 600.0

@@ -28,6 +28,7 @@ from secure_xfl.crypto.errors import (
     LayoutMismatch,
     SignatureInvalid,
 )
+from secure_xfl.crypto.packing import QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ class Accumulator:
     ``weighting="aggregator"`` multiplies client i's ciphertext by
     ``weight_i / weight_scale`` (one rescale, needs a depth-1 preset);
     ``weighting="client"`` expects pre-weighted updates and only adds.
+
+    With a packed preset only client weighting is allowed, every update must
+    sign the same quantisation (``quant``, or the first update's) and at most
+    ``quant.max_clients`` updates are accepted, so no lane can overflow.
     """
 
     def __init__(
@@ -55,7 +60,15 @@ class Accumulator:
         key_for: KeyLookup,
         weighting: Weighting = "aggregator",
         weight_scale: float = 1.0,
+        quant: QuantSpec | None = None,
     ) -> None:
+        if preset.packed and weighting != "client":
+            raise AggregationError(
+                f"preset {preset.name!r} packs integers: aggregator-side weights are refused, "
+                "use client weighting"
+            )
+        if quant is not None and not preset.packed:
+            raise AggregationError(f"preset {preset.name!r} is not packed; quant must be None")
         if weighting == "aggregator" and preset.depth < 1:
             raise AggregationError(
                 f"preset {preset.name!r} has no multiplicative depth; use client weighting"
@@ -71,7 +84,12 @@ class Accumulator:
         self.key_for = key_for
         self.weighting: Weighting = weighting
         self.weight_scale = weight_scale
-        self._lengths = chunk_lengths(numel, preset.slots)
+        self.quant = quant
+        self._lengths: list[int] = list(
+            quant.chunk_slots(numel, preset.slots)
+            if quant is not None
+            else chunk_lengths(numel, preset.slots)
+        )
         self._sum: list[ts.CKKSVector] | None = None
         self._manifest: list[SignedStatement] = []
         self._clients: set[str] = set()
@@ -110,8 +128,9 @@ class Accumulator:
             raise AggregationError(f"update uses preset {st.preset!r}, not {self.preset.name!r}")
         if st.weighting != self.weighting:
             raise AggregationError(f"update is {st.weighting}-weighted; round is {self.weighting}")
-        if len(update.chunks) != len(self._lengths):
-            raise AggregationError(f"{len(update.chunks)} chunks, expected {len(self._lengths)}")
+        lengths = self._check_quant(update)
+        if len(update.chunks) != len(lengths):
+            raise AggregationError(f"{len(update.chunks)} chunks, expected {len(lengths)}")
         try:
             key = self.key_for(st.client)
         except KeyError:
@@ -126,14 +145,36 @@ class Accumulator:
                 f"weight {st.weight} of {st.client!r} exceeds weight_scale {self.weight_scale}"
             )
 
+    def _check_quant(self, update: ProtectedUpdate) -> list[int]:
+        """Quantisation rules; returns the expected slots per chunk."""
+        quant = update.statement.quant
+        if not self.preset.packed:
+            if quant is not None:
+                raise AggregationError("a quantised update for a preset that does not pack")
+            return self._lengths
+        if quant is None:
+            raise AggregationError(f"preset {self.preset.name!r} needs a quantised update")
+        if self.quant is not None and quant != self.quant:
+            raise AggregationError(f"update quantisation {quant} differs from {self.quant}")
+        if self.count >= quant.max_clients:
+            raise AggregationError(
+                f"the sum already holds max_clients={quant.max_clients} packed updates"
+            )
+        if self.quant is None:
+            return quant.chunk_slots(self.numel, self.preset.slots)
+        return self._lengths
+
     def add(self, update: ProtectedUpdate | bytes, *, peer: str | None = None) -> None:
         """Verify and add one update; on any error the running sum is unchanged."""
         if isinstance(update, bytes | bytearray | memoryview):
             update = ProtectedUpdate.decode(bytes(update))
         self.check(update, peer=peer)
+        quant = update.statement.quant
+        lengths = self._check_quant(update)
+        scale_bits = None if quant is None else quant.scale_bits
         vectors = [
-            load_chunk(self.ctx, c, self.preset, expected_len=n)
-            for c, n in zip(update.chunks, self._lengths, strict=True)
+            load_chunk(self.ctx, c, self.preset, expected_len=n, scale_bits=scale_bits)
+            for c, n in zip(update.chunks, lengths, strict=True)
         ]
         mult = self.multiplier(update.signed)
         if self.weighting == "aggregator":
@@ -144,6 +185,8 @@ class Accumulator:
         else:
             for acc, v in zip(self._sum, vectors, strict=True):
                 acc.add_(v)
+        if quant is not None and self.quant is None:
+            self.quant, self._lengths = quant, list(lengths)  # the first update fixes it
         self._manifest.append(update.signed)
         self._clients.add(update.statement.client)
         log.debug("round %s: added update of %s (%d so far)", self.round, peer, self.count)

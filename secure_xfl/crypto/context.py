@@ -52,6 +52,8 @@ class CKKSPreset:
     """Measured absolute slot error floor per summed ciphertext."""
     description: str = ""
     """Why the preset exists."""
+    packed: bool = False
+    """Slots carry quantised integers packed several per slot (sums only; see packing.py)."""
 
     def __post_init__(self) -> None:
         check_security(self.poly_modulus_degree, self.coeff_mod_bit_sizes)
@@ -146,6 +148,22 @@ PRESETS: dict[str, CKKSPreset] = {
             abs_error=1e-7,
             description=(
                 "Sums only (clients pre-weight their updates): one data prime, fewest bytes."
+            ),
+        ),
+        CKKSPreset(
+            name="xfl-packed",
+            poly_modulus_degree=4096,
+            coeff_mod_bit_sizes=(60, 49),
+            scale_bits=16,
+            depth=0,
+            rel_error=0.0,
+            abs_error=0.0,
+            packed=True,
+            description=(
+                "Compact fast path: b-bit stochastically rounded integers, several per slot "
+                "with headroom for the sum; the 49-bit special prime absorbs public-key "
+                "encryption noise so a 60-bit data prime leaves 42 bits per slot at scale "
+                "2^16. Error is the quantisation's (QuantSpec), not CKKS's. Sums only."
             ),
         ),
     )

@@ -19,10 +19,14 @@ from typing import Any, Literal
 import msgpack
 
 from secure_xfl.crypto.errors import EnvelopeError
+from secure_xfl.crypto.packing import QuantSpec
 
 ENVELOPE_VERSION = 1
 #: Domain separation tag for the signed statement.
 STATEMENT_DOMAIN = "secure-xfl/update-statement/v1"
+#: Statements of packed updates carry an 11th field (the quantisation) under their own tag,
+#: so a v1 signature can never be read as covering a quantisation it did not name.
+STATEMENT_DOMAIN_V2 = "secure-xfl/update-statement/v2"
 
 #: Hard caps applied before any allocation.
 MAX_ENVELOPE_BYTES = 2 * 1024**3
@@ -98,10 +102,15 @@ class UpdateStatement:
     """:func:`ciphertext_digest` of the chunks."""
     loss: float | None = None
     """Reported training loss (dynamic weighting), if any."""
+    quant: QuantSpec | None = None
+    """Quantisation of a packed update (``None`` for ordinary CKKS updates)."""
 
     def to_wire(self) -> list[Any]:
-        """Positional form, also the exact bytes that are signed (after the domain tag)."""
-        return [
+        """Positional form, also the exact bytes that are signed (after the domain tag).
+
+        Ten fields (v1) without quantisation; eleven (v2) with it.
+        """
+        base = [
             self.run,
             self.round,
             self.client,
@@ -113,17 +122,20 @@ class UpdateStatement:
             self.ciphertext_digest,
             self.loss,
         ]
+        return base if self.quant is None else [*base, self.quant.to_wire()]
 
     def signing_bytes(self) -> bytes:
         """Canonical bytes covered by the client's signature."""
-        return bytes(msgpack.packb([STATEMENT_DOMAIN, *self.to_wire()], use_bin_type=True))
+        domain = STATEMENT_DOMAIN if self.quant is None else STATEMENT_DOMAIN_V2
+        return bytes(msgpack.packb([domain, *self.to_wire()], use_bin_type=True))
 
     @classmethod
     def from_wire(cls, obj: object) -> UpdateStatement:
-        """Validate the positional form."""
-        if not isinstance(obj, list) or len(obj) != 10:
-            raise EnvelopeError("statement must be a list of 10 fields")
-        run, rnd, client, layout, preset, numel, weight, weighting, ctd, loss = obj
+        """Validate the positional form (10 fields, or 11 with a non-null quantisation)."""
+        if not isinstance(obj, list) or len(obj) not in (10, 11):
+            raise EnvelopeError("statement must be a list of 10 or 11 fields")
+        run, rnd, client, layout, preset, numel, weight, weighting, ctd, loss = obj[:10]
+        quant = QuantSpec.from_wire(obj[10]) if len(obj) == 11 else None
         if weighting not in _WEIGHTINGS:
             raise EnvelopeError(f"weighting must be one of {_WEIGHTINGS}")
         return cls(
@@ -137,6 +149,7 @@ class UpdateStatement:
             weighting=weighting,
             ciphertext_digest=_check_bytes(ctd, "ciphertext_digest", 32, 32),
             loss=None if loss is None else _check_float(loss, "loss"),
+            quant=quant,
         )
 
 

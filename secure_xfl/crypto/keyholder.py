@@ -26,6 +26,7 @@ from secure_xfl.crypto.codec import chunk_lengths, decrypt_chunks, load_chunk
 from secure_xfl.crypto.context import CKKSPreset
 from secure_xfl.crypto.envelope import EncryptedAggregate
 from secure_xfl.crypto.errors import DecryptionRefused, EnvelopeError
+from secure_xfl.crypto.packing import QuantSpec, unpack_vector
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ class KeyHolder:
                 pki.verify_signature(key, signed.signature, st.signing_bytes())
             except Exception:
                 raise DecryptionRefused("bad_signature", st.client) from None
+        self._check_quant(agg)
         if len(names) < pol.min_clients:
             raise DecryptionRefused(
                 "too_few_clients", f"{len(names)} < min_clients {pol.min_clients}"
@@ -205,17 +207,43 @@ class KeyHolder:
             noise_multiplier=sigma,
         )
 
+    def _check_quant(self, agg: EncryptedAggregate) -> QuantSpec | None:
+        """Packed aggregates: client-weighted, one signed quantisation, within its cohort."""
+        quants = {s.statement.quant for s in agg.manifest}
+        if not self.preset.packed:
+            if quants != {None}:
+                raise DecryptionRefused("manifest_mismatch", "quantised updates, unpacked preset")
+            return None
+        if agg.weighting != "client":
+            raise DecryptionRefused("wrong_weighting", "packed aggregates are client-weighted")
+        if len(quants) != 1 or None in quants:
+            raise DecryptionRefused("manifest_mismatch", "clients signed different quantisations")
+        (quant,) = quants
+        assert quant is not None
+        if len(agg.manifest) > quant.max_clients:
+            raise DecryptionRefused(
+                "too_many_clients", f"{len(agg.manifest)} > max_clients {quant.max_clients}"
+            )
+        return quant
+
     def decrypt(self, agg: EncryptedAggregate | bytes) -> DecryptedAggregate:
         """Check policy, record the round durably, then decrypt the weighted average."""
         if isinstance(agg, bytes | bytearray | memoryview):
             agg = EncryptedAggregate.decode(bytes(agg))
         release = self.check(agg)
-        lengths = chunk_lengths(agg.numel, self.preset.slots)
+        quant = self._check_quant(agg)
+        if quant is None:
+            lengths = list(chunk_lengths(agg.numel, self.preset.slots))
+        else:
+            lengths = quant.chunk_slots(agg.numel, self.preset.slots)
         if len(agg.chunks) != len(lengths):
             raise EnvelopeError(f"aggregate has {len(agg.chunks)} chunks, expected {len(lengths)}")
         levels = self.preset.fresh_levels - (1 if agg.weighting == "aggregator" else 0)
+        scale_bits = None if quant is None else quant.scale_bits
         vectors = [
-            load_chunk(self.ctx, c, self.preset, expected_len=n, levels=levels)
+            load_chunk(
+                self.ctx, c, self.preset, expected_len=n, levels=levels, scale_bits=scale_bits
+            )
             for c, n in zip(agg.chunks, lengths, strict=True)
         ]
         if self.before_release:
@@ -225,7 +253,14 @@ class KeyHolder:
             self.after_release(release)  # the ledger line exists before the plaintext does
         total = float(sum(s.statement.weight for s in agg.manifest))
         divisor = sum(release.weights) if agg.weighting == "aggregator" else total
-        vector = decrypt_chunks(vectors, agg.numel) / divisor
+        if quant is None:
+            vector = decrypt_chunks(vectors, agg.numel) / divisor
+        else:
+            # A tolerance or lane violation raises CodecError after the round was marked:
+            # a tampered aggregate burns its round rather than being retried.
+            values = [np.asarray(v.decrypt(), dtype=np.float64) for v in vectors]
+            n = len(agg.manifest)
+            vector = unpack_vector(values, quant, n, agg.numel, self.preset.slots) / divisor
         log.info(
             "decrypted run %s round %d over %d clients (σ_eff=%.3f)",
             agg.run,

@@ -182,7 +182,14 @@ class AggregatorService:
         await self.keyholder.close()
         if self.out_dir is not None:
             (self.out_dir / "outcome.json").write_text(
-                json.dumps({"ok": core.ok, "outcome": core.outcome, "rounds": len(core.history)})
+                json.dumps(
+                    {
+                        "ok": core.ok,
+                        "outcome": core.outcome,
+                        "rounds": len(core.history),
+                        "budget_exhausted": core.budget_exhausted,
+                    }
+                )
             )
         return core.ok
 

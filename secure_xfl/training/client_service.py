@@ -165,8 +165,8 @@ class ClientService:
         )
         return rnd, blob
 
-    async def run(self, stop: asyncio.Event) -> str:
-        """Work rounds until the aggregator says ``done``; returns its reason."""
+    async def run(self, stop: asyncio.Event) -> bool:
+        """Work rounds until the aggregator says ``done``; True when the run ended well."""
         welcome = await self.peer.call("hello", expect={"welcome"})
         log.info("joined run %s at round %s", welcome.get("run"), welcome.get("round"))
         last = -1
@@ -175,8 +175,9 @@ class ClientService:
                 msg = await self.peer.call("task", expect={"round", "wait", "done"}, after=last)
                 if msg["t"] == "done":
                     reason = str(msg.get("reason", ""))
-                    log.info("run finished: %s", reason)
-                    return reason
+                    ok = msg.get("ok") is True
+                    (log.info if ok else log.error)("run finished: %s", reason)
+                    return ok
                 if msg["t"] == "wait":
                     await asyncio.sleep(float(messages.require(msg, "retry_s", float, lo=0, hi=60)))
                     continue
@@ -191,12 +192,12 @@ class ClientService:
                     log.warning("round %d upload not counted: %s", rnd, exc)
                 last = rnd
                 self.rounds_done.append(rnd)
-            return "stopped"
+            return False
         finally:
             await self.peer.close()
 
 
-async def serve_client(kit: Kit, *, aggregator: str, trainer: Trainer) -> str:
+async def serve_client(kit: Kit, *, aggregator: str, trainer: Trainer) -> bool:
     """Run one client until the run ends or SIGTERM."""
     stop = asyncio.Event()
     install_stop_signals(stop)

@@ -115,6 +115,7 @@ class Coordinator:
         self.phase: Phase = "collecting"
         self.outcome = ""
         self.ok = False
+        self.budget_exhausted = False
         self.history: list[RoundRecord] = []
         self._open(now)
 
@@ -162,7 +163,7 @@ class Coordinator:
         """The round a client should work on next, ``wait`` or ``done``."""
         self._check_peer(peer)
         if self.phase == "finished":
-            return "done", {"reason": self.outcome, "rounds": len(self.history)}
+            return "done", {"reason": self.outcome, "rounds": len(self.history), "ok": self.ok}
         if self.phase != "collecting" or self.round <= after or peer in self.acc.clients:
             return "wait", {"retry_s": 0.2}
         s = self.settings
@@ -251,9 +252,23 @@ class Coordinator:
             self._open(now)
 
     def decrypt_failed(self, round: int, error: SecureXFLError | str, now: float) -> None:
-        """The key holder refused: end the run with its reason (e.g. the privacy budget)."""
-        self.record.info = {"refused": str(error)}
-        self._finish(f"key holder refused round {round}: {error}", now, ok=False)
+        """The key holder refused: end the run with its reason.
+
+        Reaching the privacy budget is the expected, clean way for a DP run to
+        stop early: the run ends successfully with the rounds released so far.
+        """
+        text = str(error)
+        self.record.info = {"refused": text}
+        if "budget_exceeded" in text:
+            self.budget_exhausted = True
+            self._finish(
+                f"privacy budget reached: round {round} not released ({text}); "
+                f"{len(self.history)} rounds completed",
+                now,
+                ok=True,
+            )
+        else:
+            self._finish(f"key holder refused round {round}: {text}", now, ok=False)
 
     def _finish(self, outcome: str, now: float, *, ok: bool) -> None:
         self.phase = "finished"

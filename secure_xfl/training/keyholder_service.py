@@ -18,6 +18,7 @@ from secure_xfl.crypto.errors import DecryptionRefused
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy, Release
 from secure_xfl.crypto.pki import PeerIdentity
 from secure_xfl.kit import Kit
+from secure_xfl.privacy.accountant import epsilon
 from secure_xfl.privacy.ledger import PrivacyLedger
 from secure_xfl.training.runtime import install_stop_signals, parse_address, watch_crl
 from secure_xfl.transport import messages
@@ -61,20 +62,43 @@ class KeyHolderService:
         enrolled = max(len(self.holder.client_keys), len(release.participants))
         return len(release.participants) / enrolled
 
+    def projected_epsilon(self, release: Release) -> tuple[float, float]:
+        """(federation ε, worst participant's ε) if this round were released.
+
+        The federation figure uses the recorded sampling rate; a client's own
+        figure counts only its rounds at rate 1, because participation in
+        cross-silo runs is not secretly random. The budget binds both, exactly
+        as ``secure-xfl audit`` checks them.
+        """
+        run, delta = release.run, self.kit.config.privacy.delta
+        fed = self.ledger.would_spend(
+            run,
+            noise_multiplier=release.noise_multiplier,
+            sample_rate=self._sample_rate(release),
+            delta=delta,
+        )
+        history = self.ledger.history(run)
+        worst = 0.0
+        for client in release.participants:
+            rounds = [
+                (float(e["noise_multiplier"]), 1.0, 1)
+                for e in history
+                if client in e["participants"]
+            ]
+            rounds.append((release.noise_multiplier, 1.0, 1))
+            worst = max(worst, epsilon(rounds, delta, "rdp"))
+        return fed, worst
+
     def _check_budget(self, release: Release) -> None:
         budget = self.kit.config.privacy.epsilon_budget
         if budget <= 0:
             return
-        eps = self.ledger.would_spend(
-            release.run,
-            noise_multiplier=release.noise_multiplier,
-            sample_rate=self._sample_rate(release),
-            delta=self.kit.config.privacy.delta,
-        )
-        if eps > budget:
+        fed, worst = self.projected_epsilon(release)
+        if max(fed, worst) > budget:
             raise DecryptionRefused(
                 "budget_exceeded",
-                f"round {release.round} would bring ε to {eps:.3f} > budget {budget}",
+                f"round {release.round} would bring ε to {fed:.3f} (federation) / "
+                f"{worst:.3f} (most exposed client) > budget {budget}",
             )
 
     def _record(self, release: Release) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -78,7 +79,7 @@ class LMConfig:
     """Dropout on the LoRA branch."""
     lora_targets: tuple[str, ...] | None = ("c_attn", "c_proj", "c_fc")
     """Module names LoRA adapts (GPT-2 names); ``None`` lets peft pick for the model type."""
-    also_train: tuple[str, ...] = ("wte", "ln_")
+    also_train: tuple[str, ...] = ("wte", "wpe", "ln_")
     """Base parameters left trainable under LoRA (substring of the name).
 
     A *random* frozen base gives LoRA nothing useful to adapt; training the
@@ -149,7 +150,10 @@ def build_model(cfg: LMConfig) -> nn.Module:
                 task_type="CAUSAL_LM",
             )
             try:
-                model = get_peft_model(model, lora)  # type: ignore[arg-type]
+                with warnings.catch_warnings():
+                    # peft calls a transformers API deprecated in 5.x; not ours to fix.
+                    warnings.filterwarnings("ignore", category=FutureWarning)
+                    model = get_peft_model(model, lora)  # type: ignore[arg-type]
             except ValueError as exc:
                 raise ModelError(f"LoRA does not fit this model: {exc}") from exc
             for name, p in model.named_parameters():
@@ -312,7 +316,7 @@ def local_train(
             prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
             objective = loss + 0.5 * fedprox_mu * prox
         opt.zero_grad(set_to_none=True)
-        objective.backward()
+        objective.backward()  # type: ignore[no-untyped-call]
         if grad_sum:
             for g, p in zip(grad_sum, params, strict=True):
                 if p.grad is not None:
@@ -327,7 +331,10 @@ def local_train(
     if grad_out is not None:
         grad_out.clear()
         grad_out.update(
-            {n: (g / steps).to("cpu", torch.float32).numpy() for (n, _), g in zip(named, grad_sum, strict=True)}
+            {
+                n: (g / steps).to("cpu", torch.float32).numpy()
+                for (n, _), g in zip(named, grad_sum, strict=True)
+            }
         )
     return total_loss / seen, seen
 
@@ -353,7 +360,9 @@ def evaluate(
     loss_sum, correct, count = 0.0, 0, 0
     try:
         for start in range(0, n, batch_size):
-            batch = torch.from_numpy(blocks.tokens[start : min(n, start + batch_size)].astype(np.int64))
+            batch = torch.from_numpy(
+                blocks.tokens[start : min(n, start + batch_size)].astype(np.int64)
+            )
             batch = batch.to(dev)
             logits = model(input_ids=batch).logits[:, :-1].float()
             target = batch[:, 1:]
@@ -368,4 +377,3 @@ def evaluate(
         model.train(was_training)
     loss = loss_sum / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / count}
-

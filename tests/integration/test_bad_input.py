@@ -52,7 +52,8 @@ async def misbehave(kit: Kit, port: int, model: dict[str, np.ndarray]) -> dict[s
             round=rnd,
             client="mallory",
             signing_key=kit.tls.private_key,
-            weight=RandomTrainer.samples_for("mallory"),
+            weight=RandomTrainer.samples_for("mallory") / 1000.0,
+            weighting="client",
         ).encode()
 
     async def attempt(label: str, payload: bytes) -> None:

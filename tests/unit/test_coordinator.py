@@ -95,7 +95,7 @@ def test_full_run_in_memory(tmp_path: Path) -> None:
         upload(core, name, 1.0)
     finish_round(core, kh, 2.0)
     assert core.phase == "finished" and core.ok
-    assert core.task("a", after=1) == ("done", {"reason": "completed", "rounds": 2})
+    assert core.task("a", after=1) == ("done", {"reason": "completed", "rounds": 2, "ok": True})
     assert np.allclose(core.params, 9 / 4 + 1, atol=1e-3)
 
 

@@ -1,0 +1,63 @@
+"""Benchmark rows ``{"metric", "unit", "ours", "baseline", "ratio"}`` as JSON and markdown."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypedDict
+
+__all__ = ["ROW_KEYS", "Row", "markdown", "row", "write_json"]
+
+ROW_KEYS = ("metric", "unit", "ours", "baseline", "ratio")
+
+
+class Row(TypedDict):
+    """One measured figure against its baseline."""
+
+    metric: str
+    unit: str
+    ours: float | None
+    baseline: float | None
+    ratio: float | None
+
+
+def _clean(x: float | None) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None
+    return float(f"{x:.4g}")
+
+
+def row(metric: str, unit: str, ours: float | None, baseline: float | None) -> Row:
+    """A row; ``ratio`` is ours / baseline (None when undefined)."""
+    ratio = None
+    if ours is not None and baseline and math.isfinite(ours) and math.isfinite(baseline):
+        ratio = ours / baseline
+    return Row(
+        metric=metric, unit=unit, ours=_clean(ours), baseline=_clean(baseline), ratio=_clean(ratio)
+    )
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "—"
+    if abs(x) >= 1e5:
+        return f"{x:.3e}"
+    return f"{x:.4g}"
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| metric | unit | ours | baseline | ratio |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {r['metric']} | {r['unit']} | {_fmt(r['ours'])} | {_fmt(r['baseline'])} "
+        f"| {_fmt(r['ratio'])} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, rows: Sequence[Row]) -> None:
+    """Write the rows as a JSON list."""
+    path.write_text(json.dumps(list(rows), indent=1) + "\n")

@@ -1,0 +1,253 @@
+"""The key holder decrypts only aggregates, each (run, round) at most once, across restarts.
+
+DESIGN §2 promise: "The key holder decrypts **only aggregates**: it refuses an
+aggregate that does not cover at least ``min_clients`` distinct, authenticated
+clients of this run and round, each attested by that client's signature over
+(run, round, digest of its ciphertext, weight); it decrypts each (run, round) at
+most once, and that survives a restart."
+
+The key holder is a real ``secure-xfl keyholder`` process; the attacker is a
+curious or compromised aggregator: the test process holding the aggregator's real
+kit (certificate, public context) and real clients' signed statements, sending
+crafted aggregates of real CKKS ciphertexts over real mTLS QUIC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from secure_xfl.crypto import pki
+from secure_xfl.crypto.envelope import (
+    EncryptedAggregate,
+    ProtectedUpdate,
+    SignedStatement,
+)
+from secure_xfl.kit import Kit
+from secure_xfl.privacy.ledger import read_ledger
+from secure_xfl.training.keyholder_service import LEDGER_FILE
+from secure_xfl.transport import messages
+from tests.federation import CLI, Federation, federation
+from tests.security import live
+
+pytestmark = pytest.mark.timeout(240)
+
+NUMEL = 1000
+MODEL = live.zero_model(NUMEL)
+CLIENTS = (*live.HONEST, "mallory")
+
+
+def _decrypt_msg(agg: EncryptedAggregate) -> bytes:
+    return messages.encode("decrypt", aggregate=agg.encode())
+
+
+def _reason(outcome: live.Outcome) -> str:
+    """The key holder's refusal reason (``decryption_refused``) or the error code."""
+    if outcome.code == "decryption_refused":
+        return outcome.message.split(":", 1)[0]
+    return outcome.code
+
+
+def _resign(signed: SignedStatement, **changes: object) -> SignedStatement:
+    """A statement with changed fields that keeps its original (now invalid) signature."""
+    return SignedStatement(dataclasses.replace(signed.statement, **changes), signed.signature)
+
+
+def _with_manifest(agg: EncryptedAggregate, manifest: list[SignedStatement]) -> EncryptedAggregate:
+    return dataclasses.replace(agg, manifest=tuple(manifest))
+
+
+def _raw_aggregate_with_signature(agg: EncryptedAggregate, index: int, sig: object) -> bytes:
+    """Encode ``agg`` with manifest entry ``index``'s signature replaced by ``sig`` verbatim."""
+    body = msgpack.unpackb(agg.encode(), raw=False)
+    body[10][index][1] = sig
+    return messages.encode("decrypt", aggregate=msgpack.packb(body, use_bin_type=True))
+
+
+def _restart_keyholder(fed: Federation) -> int:
+    proc = fed.procs["keyholder"].popen
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0, fed.logs()
+    return fed.start_keyholder()
+
+
+def test_keyholder_refuses_everything_but_one_aggregate_per_round(tmp_path: Path) -> None:
+    """§2 "decrypts only aggregates … at least min_clients distinct, authenticated clients
+    … each attested by that client's signature … at most once, and that survives a
+    restart": every crafted aggregate is refused with its reason, none burns the round,
+    the honest aggregate decrypts correctly once, and never again — not after a restart
+    of the key-holder process either, whose ledger holds exactly one line for the round."""
+    root = live.provision_run(tmp_path, CLIENTS, min_clients=3)
+    agg_kit = Kit.load(root / "aggregator")
+    run_id = agg_kit.config.federation.run
+    kits = {c: Kit.load(root / f"client-{c}") for c in CLIENTS}
+
+    def upd(c: str, rnd: int = 0, **kw: Any) -> ProtectedUpdate:
+        return live.protect_as(kits[c], live.update_vector(c, rnd, MODEL), MODEL, rnd, **kw)
+
+    a, b, g, m = upd("alpha"), upd("beta"), upd("gamma"), upd("mallory")
+    honest = live.accumulate(root, [a, b, g], 0, NUMEL)
+    two = live.accumulate(root, [a, b], 0, NUMEL)
+    # alpha signs a second, different ciphertext for the same round.
+    a2 = live.protect_as(kits["alpha"], live.update_vector("alpha", 9, MODEL), MODEL, 0)
+    # mallory copies alpha's ciphertext and signs it as her own.
+    copy = live.protect_as(
+        kits["mallory"], np.zeros(NUMEL), MODEL, 0, weight=a.statement.weight
+    ).signed
+    copy_st = dataclasses.replace(copy.statement, ciphertext_digest=a.statement.ciphertext_digest)
+    mallory_copy = SignedStatement(
+        copy_st, pki.sign(kits["mallory"].tls.private_key, copy_st.signing_bytes())
+    )
+    outsider_key = ec.generate_private_key(ec.SECP256R1())
+    forged_gamma = SignedStatement(
+        g.statement, pki.sign(kits["mallory"].tls.private_key, g.statement.signing_bytes())
+    )
+    foreign_gamma = SignedStatement(
+        g.statement, pki.sign(outsider_key, g.statement.signing_bytes())
+    )
+    eve = upd("gamma", client="eve", signing_key=outsider_key).signed
+    other_round = upd("gamma", 5).signed
+    other_run = live.accumulate(root, [a, b, g], 0, NUMEL)
+    other_run_stmts = [upd(c, run="another-run").signed for c in ("alpha", "beta", "gamma")]
+    attempts: dict[str, bytes] = {
+        "too_few": _decrypt_msg(two),
+        "duplicate_same_entry": _decrypt_msg(_with_manifest(two, [a.signed, b.signed, a.signed])),
+        "duplicate_client_two_ciphertexts": _decrypt_msg(
+            _with_manifest(two, [a.signed, b.signed, a2.signed])
+        ),
+        "copied_ciphertext": _decrypt_msg(_with_manifest(two, [a.signed, b.signed, mallory_copy])),
+        "forged_signature": _decrypt_msg(_with_manifest(two, [a.signed, b.signed, forged_gamma])),
+        "outsider_signature": _decrypt_msg(
+            _with_manifest(two, [a.signed, b.signed, foreign_gamma])
+        ),
+        "empty_signature": _raw_aggregate_with_signature(honest, 2, b""),
+        "missing_signature": _raw_aggregate_with_signature(honest, 2, None),
+        "tampered_weight": _decrypt_msg(
+            _with_manifest(honest, [a.signed, b.signed, _resign(g.signed, weight=999.0)])
+        ),
+        "digest_not_signed": _decrypt_msg(
+            _with_manifest(
+                honest,
+                [a.signed, b.signed, _resign(g.signed, ciphertext_digest=bytes(32))],
+            )
+        ),
+        "statement_of_another_round": _decrypt_msg(
+            _with_manifest(honest, [a.signed, b.signed, other_round])
+        ),
+        "unenrolled_client": _decrypt_msg(_with_manifest(two, [a.signed, b.signed, eve])),
+        "wrong_run": _decrypt_msg(
+            dataclasses.replace(other_run, run="another-run", manifest=tuple(other_run_stmts))
+        ),
+        "round_relabelled": _decrypt_msg(dataclasses.replace(honest, round=1)),
+    }
+    expected = {
+        "too_few": "too_few_clients",
+        "duplicate_same_entry": "duplicate_client",
+        "duplicate_client_two_ciphertexts": "duplicate_client",
+        "copied_ciphertext": "duplicate_ciphertext",
+        "forged_signature": "bad_signature",
+        "outsider_signature": "bad_signature",
+        "empty_signature": "bad_envelope",
+        "missing_signature": "bad_envelope",
+        "tampered_weight": "bad_signature",
+        "digest_not_signed": "bad_signature",
+        "statement_of_another_round": "manifest_mismatch",
+        "unenrolled_client": "unknown_client",
+        "wrong_run": "wrong_run",
+        "round_relabelled": "manifest_mismatch",
+    }
+
+    async def attack(port: int) -> dict[str, str]:
+        async with live.connect(agg_kit, "keyholder", port) as client:
+            return {k: _reason(await live.call(client, v)) for k, v in attempts.items()}
+
+    with federation(root) as fed:
+        port = fed.start_keyholder()
+        seen = live.run(attack(port))
+        assert seen == expected, fed.logs()
+
+        # None of the refusals burnt round 0: the honest aggregate decrypts, exactly.
+        first = live.run(live.call_once(agg_kit, "keyholder", port, _decrypt_msg(honest)))
+        assert first.ok, first
+        reply = messages.decode(first.body, expect={"plain"})
+        got = messages.unpack_vector(reply["vector"], NUMEL)
+        want, total = live.expected_average(live.HONEST, 0, MODEL)
+        assert np.abs(got - want).max() <= live.error_bound(3, total)
+        assert reply["participants"] == sorted(live.HONEST)
+
+        # A second decryption of round 0: the same aggregate, or another valid cohort.
+        other_cohort = live.accumulate(root, [a, b, m], 0, NUMEL)
+        again = live.run(live.call_once(agg_kit, "keyholder", port, _decrypt_msg(honest)))
+        other = live.run(live.call_once(agg_kit, "keyholder", port, _decrypt_msg(other_cohort)))
+        assert _reason(again) == _reason(other) == "already_decrypted"
+
+        # …and after the key-holder process is restarted from its kit.
+        port = _restart_keyholder(fed)
+        after = live.run(live.call_once(agg_kit, "keyholder", port, _decrypt_msg(honest)))
+        assert _reason(after) == "already_decrypted", fed.logs()
+        # The restarted process still serves: round 1 decrypts once.
+        r1 = live.accumulate(root, [upd("alpha", 1), upd("beta", 1), upd("gamma", 1)], 1, NUMEL)
+        assert live.run(live.call_once(agg_kit, "keyholder", port, _decrypt_msg(r1))).ok
+
+    kh = root / "keyholder"
+    entries = read_ledger(kh / "state" / LEDGER_FILE, pki.load_certificate(kh / "cert.pem"))
+    assert [(e["run"], e["round"]) for e in entries] == [(run_id, 0), (run_id, 1)]
+    print(f"\nkey-holder refusals: {seen}")
+
+
+def test_revoked_client_is_not_counted_by_a_running_keyholder(tmp_path: Path) -> None:
+    """§2 "distinct, authenticated clients of this run": once a client is revoked
+    (`secure-xfl provision --revoke`), a running key holder no longer counts its signed
+    statement, so an aggregate that needs it to reach min_clients is refused."""
+    root = live.provision_run(tmp_path, CLIENTS, min_clients=3)
+    agg_kit = Kit.load(root / "aggregator")
+    updates = [
+        ProtectedUpdate.decode(live.honest_update(root, c, 0, MODEL))
+        for c in ("alpha", "beta", "mallory")
+    ]
+    agg = live.accumulate(root, updates, 0, NUMEL)
+    with federation(root) as fed:
+        port = fed.start_keyholder()
+        subprocess.run(
+            [*CLI, "provision", "--out", str(root), "--revoke", "mallory"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        refused = live.run(live.call_once(agg_kit, "keyholder", port, _decrypt_msg(agg)))
+        assert _reason(refused) == "unknown_client", refused
+        # The round is not burnt: the three unrevoked clients' aggregate still decrypts.
+        good = live.accumulate(
+            root,
+            [ProtectedUpdate.decode(live.honest_update(root, c, 0, MODEL)) for c in live.HONEST],
+            0,
+            NUMEL,
+        )
+        assert live.run(live.call_once(agg_kit, "keyholder", port, _decrypt_msg(good))).ok
+
+
+def test_second_keyholder_process_on_the_same_state_refuses_to_start(tmp_path: Path) -> None:
+    """§2 "decrypts each (run, round) at most once": two key-holder processes sharing one
+    kit could each decrypt a round once; the second one refuses to start (state lock)."""
+    root = live.provision_run(tmp_path, CLIENTS, min_clients=3)
+    with federation(root) as fed:
+        fed.start_keyholder()
+        second = fed.start(
+            "keyholder-2",
+            "keyholder",
+            "--kit",
+            str(root / "keyholder"),
+            "--listen",
+            "127.0.0.1:0",
+        )
+        assert second.popen.wait(timeout=60) != 0
+        # Refused by the ledger's or the decryption record's lock, whichever is taken first.
+        assert "in use" in second.text(), second.text()
+        assert fed.procs["keyholder"].popen.poll() is None  # the first keeps serving
