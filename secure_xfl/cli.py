@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,11 +17,21 @@ log = logging.getLogger("secure_xfl.cli")
 
 
 def _model_from_spec(spec: str) -> dict[str, np.ndarray]:
-    """``vector:N``: one zero-initialised float32 tensor of N parameters (tests, benches)."""
+    """``vector:N`` (one zero float32 tensor; tests, benches) or ``lm`` (the small GPT-2)."""
     kind, _, arg = spec.partition(":")
     if kind == "vector" and arg.isdigit() and int(arg) > 0:
         return {"weight": np.zeros(int(arg), dtype=np.float32)}
-    raise SecureXFLError(f"unknown model spec {spec!r} (expected vector:N)")
+    if spec == "lm":
+        from secure_xfl.training.federated_lm import initial_model
+
+        return initial_model()
+    raise SecureXFLError(f"unknown model spec {spec!r} (expected vector:N or lm)")
+
+
+def _data_spec(args: argparse.Namespace) -> Any:
+    from secure_xfl.training.federated_lm import DataSpec
+
+    return DataSpec(text=args.data, partition=args.partition, alpha=args.alpha)
 
 
 def _cmd_provision(args: argparse.Namespace) -> int:
@@ -55,6 +66,14 @@ def _cmd_keyholder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluator(args: argparse.Namespace) -> Any:
+    if args.model != "lm":
+        return None
+    from secure_xfl.training.federated_lm import LMEvaluator
+
+    return LMEvaluator(data=_data_spec(args))
+
+
 def _cmd_aggregator(args: argparse.Namespace) -> int:
     from secure_xfl.kit import Kit
     from secure_xfl.training.aggregator_service import serve_aggregator
@@ -67,6 +86,7 @@ def _cmd_aggregator(args: argparse.Namespace) -> int:
             listen=args.listen or kit.config.endpoints.aggregator,
             keyholder=args.keyholder or kit.config.endpoints.keyholder,
             model=_model_from_spec(args.model),
+            evaluator=_evaluator(args),
             out_dir=Path(args.out) if args.out else None,
             ready=lambda p: write_port_file(args.port_file, p),
         )
@@ -79,7 +99,16 @@ def _cmd_client(args: argparse.Namespace) -> int:
     from secure_xfl.training.client_service import RandomTrainer, serve_client
 
     kit = Kit.load(Path(args.kit), role="client")
-    trainer = RandomTrainer(kit.config.party.name, seed=args.seed)
+    name = kit.config.party.name
+    trainer: Any
+    if args.trainer == "lm":
+        from secure_xfl.training.federated_lm import FederatedLMTrainer
+
+        trainer = FederatedLMTrainer(
+            name, data=_data_spec(args), slow_factor=args.slow, device=args.device
+        )
+    else:
+        trainer = RandomTrainer(name, seed=args.seed)
     ok = asyncio.run(
         serve_client(
             kit, aggregator=args.aggregator or kit.config.endpoints.aggregator, trainer=trainer
@@ -92,6 +121,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from secure_xfl.privacy.audit import main as audit_main
 
     return audit_main(args.rest)
+
+
+def _data_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--data", help="text file/folder or hub dataset id (default: offline corpus)")
+    s.add_argument(
+        "--partition",
+        choices=("fixed", "dirichlet", "dynamic"),
+        default="fixed",
+        help="how the corpus is split among clients (demo federations)",
+    )
+    s.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kit", required=True, help="the aggregator's startup kit folder")
     s.add_argument("--keyholder", help="key holder HOST:PORT (default from the kit)")
     s.add_argument("--listen", help="HOST:PORT (default from the kit's config)")
-    s.add_argument("--model", default="vector:1000", help="initial model (vector:N)")
+    s.add_argument("--model", default="vector:1000", help="initial model: vector:N or lm")
+    _data_args(s)
     s.add_argument("--out", help="folder for rounds.jsonl and per-round global models")
     s.add_argument("--port-file", help="write the bound port here (with --listen HOST:0)")
     s.set_defaults(func=_cmd_aggregator)
@@ -130,7 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("client", help="run one client (trains, protects and uploads)")
     s.add_argument("--kit", required=True, help="this client's startup kit folder")
     s.add_argument("--aggregator", help="aggregator HOST:PORT (default from the kit)")
+    s.add_argument(
+        "--trainer",
+        choices=("random", "lm"),
+        default="random",
+        help="lm: fine-tune the small GPT-2; random: synthetic updates (tests)",
+    )
     s.add_argument("--seed", type=int, default=0, help="seed of the random-update trainer")
+    s.add_argument(
+        "--slow",
+        type=float,
+        default=0.0,
+        help="sleep this many times the compute time per round (simulated slow cloud)",
+    )
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
+    _data_args(s)
     s.set_defaults(func=_cmd_client)
 
     s = sub.add_parser("audit", help="verify a privacy ledger and recompute ε", add_help=False)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from secure_xfl.bench.report import Row, row
@@ -252,19 +253,19 @@ def _plain_ingest(numel: int, n: int, dp: DPConfig) -> tuple[float, float]:
     return n * numel / busy, max(0, after - before) / 1024.0
 
 
-def _ingest_child(args: tuple[str, Weighting, int, int, dict[str, Any]], out: Any) -> None:
-    preset_name, weighting, numel, n, dpd = args
+def _ingest_child(
+    args: tuple[str, Weighting, int, int, dict[str, Any], bytes, bytes, bytes], out: Any
+) -> None:
+    preset_name, weighting, numel, n, dpd, pub_bytes, key_der, template_blob = args
     if preset_name == PLAIN:
         out.put(_plain_ingest(numel, n, DPConfig(**dpd)))
         return
-    system = _System(preset_name, weighting)
     preset = get_preset(preset_name)
-    public = load_context(public_context_bytes(generate_context(preset)), require_secret=False)
-    dp = DPConfig(**dpd)
-    key = ec.generate_private_key(ec.SECP256R1())
-    quant = _quant(system, dp, _max_clients_for(n))
-    x = next(_updates(numel, 1))
-    template = _protect(system, x, 0, public, dp, key, quant=quant)
+    public = load_context(pub_bytes, require_secret=False)
+    key = serialization.load_der_private_key(key_der, None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    template = ProtectedUpdate.decode(template_blob)
+    del template_blob
     acc = Accumulator(
         ctx=public,
         preset=preset,
@@ -276,6 +277,7 @@ def _ingest_child(args: tuple[str, Weighting, int, int, dict[str, Any]], out: An
         weighting=weighting,
         weight_scale=_CAP if weighting == "aggregator" else 1.0,
     )
+    # The setup above holds one update; the high-water mark from here on is the ingest's.
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     busy = 0.0
     for i in range(n):
@@ -294,6 +296,21 @@ def _ingest_child(args: tuple[str, Weighting, int, int, dict[str, Any]], out: An
 
 
 def _ingest(system: _System, cfg: CryptoBenchConfig, n: int) -> tuple[float, float]:
+    dp = _dp(cfg)
+    pub_bytes, key_der, blob = b"", b"", b""
+    if system.preset != PLAIN:
+        preset = get_preset(system.preset)
+        pub_bytes = public_context_bytes(generate_context(preset))
+        public = load_context(pub_bytes, require_secret=False)
+        key = ec.generate_private_key(ec.SECP256R1())
+        key_der = key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        quant = _quant(system, dp, _max_clients_for(n))
+        x = next(_updates(cfg.numel, 1))
+        blob = _protect(system, x, 0, public, dp, key, quant=quant).encode()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     dpd = {
@@ -301,9 +318,8 @@ def _ingest(system: _System, cfg: CryptoBenchConfig, n: int) -> tuple[float, flo
         "noise_multiplier": cfg.noise_multiplier,
         "min_clients": cfg.min_clients,
     }
-    proc = ctx.Process(
-        target=_ingest_child, args=((system.preset, system.weighting, cfg.numel, n, dpd), q)
-    )
+    args = (system.preset, system.weighting, cfg.numel, n, dpd, pub_bytes, key_der, blob)
+    proc = ctx.Process(target=_ingest_child, args=(args, q))
     proc.start()
     try:
         rate, mem = q.get(timeout=900)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from secure_xfl.bench.report import Row, markdown, row
 from secure_xfl.crypto import pki
 from secure_xfl.transport import RpcClient, RpcServer, TlsIdentity, TransportConfig
 
@@ -168,38 +169,20 @@ def tls_tcp_goodput(payload_bytes: int) -> float:
         return _with_receiver(_tcp_receiver, (tmp,), upload)
 
 
-def run(
-    payload_mb: int = 100, datagram_sizes: tuple[int, ...] = (1200, 1452, 9000)
-) -> list[dict[str, Any]]:
+def run(payload_mb: int = 100, datagram_sizes: tuple[int, ...] = (1200, 1452, 9000)) -> list[Row]:
     """One row per datagram size: QUIC goodput vs the TLS/TCP baseline."""
     payload_bytes = payload_mb * 1_000_000
     baseline = tls_tcp_goodput(payload_bytes)
-    rows = []
-    for size in datagram_sizes:
-        ours = quic_goodput(payload_bytes, size)
-        rows.append(
-            {
-                "metric": f"upload goodput, {payload_mb} MB, datagram {size} B",
-                "unit": "MB/s",
-                "ours": round(ours, 1),
-                "baseline": round(baseline, 1),
-                "ratio": round(ours / baseline, 3),
-            }
+    return [
+        row(
+            f"upload goodput, {payload_mb} MB, datagram {size} B [QUIC mTLS vs TLS/TCP]",
+            "MB/s",
+            quic_goodput(payload_bytes, size),
+            baseline,
         )
-    return rows
-
-
-def _markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| metric | unit | ours (QUIC mTLS) | baseline (TLS/TCP) | ratio |",
-        "|---|---|---|---|---|",
+        for size in datagram_sizes
     ]
-    lines += [
-        f"| {r['metric']} | {r['unit']} | {r['ours']} | {r['baseline']} | {r['ratio']} |"
-        for r in rows
-    ]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(_markdown(run(int(sys.argv[1]) if len(sys.argv) > 1 else 100)))
+    print(markdown(run(int(sys.argv[1]) if len(sys.argv) > 1 else 100)))

@@ -162,8 +162,9 @@ PRESETS: dict[str, CKKSPreset] = {
             description=(
                 "Compact fast path: b-bit stochastically rounded integers, several per slot "
                 "with headroom for the sum; the 49-bit special prime absorbs public-key "
-                "encryption noise so a 60-bit data prime leaves 42 bits per slot at scale "
-                "2^16. Error is the quantisation's (QuantSpec), not CKKS's. Sums only."
+                "encryption noise so a 60-bit data prime leaves 40 bits per slot at scale "
+                "2^18 (8 clients). Error is the quantisation's (QuantSpec), not CKKS's. "
+                "Sums only."
             ),
         ),
     )

@@ -38,11 +38,13 @@ from secure_xfl.crypto.errors import CodecError, EnvelopeError
 if TYPE_CHECKING:
     from secure_xfl.privacy.dp import DPConfig
 
-#: Std of a fresh public-key ciphertext's slot error, in units of 1/scale, for
-#: N=4096 with a [60, 49] modulus (measured: 0.0103 at scale 2^16, 0.043 at 2^14).
-SLOT_NOISE = 700.0
+#: Std of a fresh public-key ciphertext's error in its noisiest slot, in units of
+#: 1/scale, for N=4096 with a [60, 49] modulus. Measured: 685 averaged over slots,
+#: but the variance differs from slot to slot (it follows the secret key's canonical
+#: embedding), so over 2048 slots the worst is ~4x the average; 5x is budgeted.
+SLOT_NOISE = 3500.0
 #: Largest |decoded − nearest integer| the key holder accepts in a packed slot.
-ROUND_TOLERANCE = 0.3
+ROUND_TOLERANCE = 0.4
 #: The tolerance is at least this many standard deviations of the summed noise.
 NOISE_MARGIN = 7.0
 #: scale · packed value must stay below this power of two: < q/2 for a 60-bit prime.
@@ -50,7 +52,7 @@ PACKED_LIMIT_BITS = 58
 #: Noise tail covered by the default range: R = C·(1 + QUANT_TAIL·σ/√K).
 QUANT_TAIL = 8.0
 #: Default cohort headroom (the aggregator refuses more updates than this).
-DEFAULT_MAX_CLIENTS = 16
+DEFAULT_MAX_CLIENTS = 8
 #: Default bound on the quantisation error std relative to the aggregate's DP noise std.
 DEFAULT_REL_ERROR = 0.01
 

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,10 @@ class AggregatorService:
         model: dict[str, np.ndarray],
         out_dir: Path | None = None,
         announce: dict[str, Any] | None = None,
+        evaluator: Callable[[dict[str, np.ndarray]], dict[str, float]] | None = None,
     ) -> None:
         cfg = kit.config
+        self.evaluator = evaluator
         self.kit = kit
         self.preset = get_preset(cfg.federation.preset)
         ctx = kit.public_context()
@@ -59,6 +62,7 @@ class AggregatorService:
             # e^{-L} weights are already ≤ 1; dividing them by a large cap would only
             # amplify the CKKS error floor.
             weight_cap=1.0 if rule == "dynamic" else cfg.round.weight_cap,
+            buffered=rule == "async",
             announce={
                 "rule": rule,
                 "local_steps": cfg.round.local_steps,
@@ -119,7 +123,8 @@ class AggregatorService:
                 return messages.encode(kind, **fields)
             rnd = messages.require(msg, "round", int, lo=0, hi=2**31)
             blob = messages.require(msg, "update", bytes)
-            ack = await asyncio.to_thread(self.core.upload, name, rnd, blob)
+            rate = messages.require(msg, "throughput", float, lo=0, hi=1e12, optional=True)
+            ack = await asyncio.to_thread(self.core.upload, name, rnd, blob, rate)
             return messages.encode("ack", **ack)
 
     # -- the round loop ----------------------------------------------------------------
@@ -138,6 +143,9 @@ class AggregatorService:
             }
             async with self._lock:
                 await asyncio.to_thread(core.decrypted, req.round, vec, info, time.monotonic())
+                if self.evaluator is not None:
+                    metrics = await asyncio.to_thread(self.evaluator, core.model())
+                    core.history[-1].info.update(metrics)
                 self._log_round(core.history[-1])
                 self._save_model(req.round + 1)
         except (RemoteError, SecureXFLError) as exc:
@@ -202,11 +210,17 @@ async def serve_aggregator(
     model: dict[str, np.ndarray],
     out_dir: Path | None = None,
     announce: dict[str, Any] | None = None,
+    evaluator: Callable[[dict[str, np.ndarray]], dict[str, float]] | None = None,
     ready: Any = None,
 ) -> bool:
     """Run the aggregator until the run ends or SIGTERM; True when all rounds completed."""
     service = AggregatorService(
-        kit, keyholder=keyholder, model=model, out_dir=out_dir, announce=announce
+        kit,
+        keyholder=keyholder,
+        model=model,
+        out_dir=out_dir,
+        announce=announce,
+        evaluator=evaluator,
     )
     server = RpcServer(
         tls=kit.tls, allowed_roles=("client",), handler=service.handle, config=kit.config.transport

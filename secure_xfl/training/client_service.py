@@ -12,12 +12,12 @@ import logging
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 
-from secure_xfl.crypto.codec import flatten, layout_of
+from secure_xfl.crypto.codec import TensorLayout, flatten, layout_of
 from secure_xfl.crypto.context import check_context_matches, get_preset
 from secure_xfl.crypto.protect import protect_vector
 from secure_xfl.errors import TrainingError
@@ -92,6 +92,26 @@ class RandomTrainer:
         )
 
 
+def staleness_weight(staleness: int, exponent: float = 0.5) -> float:
+    """FedBuff-style polynomial discount (1 + τ)^-a for an update τ rounds old."""
+    return float((1 + max(staleness, 0)) ** -exponent)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A trained update waiting to be sealed (possibly more than once in async runs)."""
+
+    run: str
+    base_round: int
+    vec: np.ndarray
+    layout: TensorLayout
+    weight: float
+    weighting: Literal["aggregator", "client"]
+    loss: float | None
+    settings: Mapping[str, Any]
+    throughput: float | None
+
+
 def dp_config(settings: Mapping[str, Any]) -> DPConfig | None:
     """The announced DP settings, or None when σ = 0 (DP off)."""
     sigma = float(settings.get("noise_multiplier", 0.0))
@@ -120,7 +140,7 @@ class ClientService:
         )
         self.rounds_done: list[int] = []
 
-    def _protect(self, msg: Mapping[str, Any]) -> tuple[int, bytes]:
+    def _train(self, msg: Mapping[str, Any]) -> _Pending:
         rnd = messages.require(msg, "round", int, lo=0, hi=2**31)
         run = messages.require(msg, "run", str)
         if run != self.kit.config.federation.run:
@@ -132,38 +152,77 @@ class ClientService:
         settings = messages.require(msg, "settings", dict)
         weighting = messages.require(msg, "weighting", str)
         cap = messages.require(msg, "weight_cap", float, lo=1e-12)
-        torch_model = {k: torch.from_numpy(v.copy()) for k, v in model.items()}
-        layout = layout_of(torch_model)
+        layout = layout_of({k: torch.from_numpy(v.copy()) for k, v in model.items()})
         layout.check(messages.require(msg, "layout", bytes))
         result = self.trainer.train(model, rnd, settings)
         upd = {k: torch.from_numpy(np.asarray(v)) for k, v in result.update.items()}
-        vec = flatten(upd, layout)
         rule = str(settings.get("rule", "fedavg"))
         weight = client_weight(rule, result.num_samples, result.loss, cap)
         if weighting == "client" and rule != "dynamic":
             weight = weight / cap
-        protected = protect_vector(
-            vec,
-            ctx=self.ctx,
-            preset=self.preset,
-            layout=layout,
+        rate = (result.metrics or {}).get("throughput")
+        log.info("round %d: trained on %d samples (loss %s)", rnd, result.num_samples, result.loss)
+        return _Pending(
             run=run,
-            round=rnd,
-            client=self.name,
-            signing_key=self.kit.tls.private_key,
+            base_round=rnd,
+            vec=flatten(upd, layout),
+            layout=layout,
             weight=weight,
             weighting="client" if weighting == "client" else "aggregator",
             loss=result.loss,
-            dp=dp_config(settings),
+            settings=settings,
+            throughput=None if rate is None else float(rate),
         )
-        log.info(
-            "round %d: trained on %d samples (loss %s), upload %.1f MB",
-            rnd,
-            result.num_samples,
-            result.loss,
-            len(blob := protected.encode()) / 1e6,
+
+    def _seal(self, p: _Pending, round: int) -> bytes:
+        """Clip, noise, encrypt and sign for ``round``; stale async updates weigh less."""
+        staleness = round - p.base_round
+        protected = protect_vector(
+            p.vec,
+            ctx=self.ctx,
+            preset=self.preset,
+            layout=p.layout,
+            run=p.run,
+            round=round,
+            client=self.name,
+            signing_key=self.kit.tls.private_key,
+            weight=p.weight * staleness_weight(staleness),
+            weighting=p.weighting,
+            loss=p.loss,
+            dp=dp_config(p.settings),  # fresh noise: only one sealed copy is ever accepted
         )
-        return rnd, blob
+        blob = protected.encode()
+        log.info("round %d: upload %.2f MB (staleness %d)", round, len(blob) / 1e6, staleness)
+        return blob
+
+    async def _upload(self, p: _Pending) -> None:
+        """Upload; in buffered-async runs re-target a newer round when ours closed."""
+        target = p.base_round
+        buffered = p.settings.get("rule") == "async"
+        max_stale = int(p.settings.get("max_staleness", 4))
+        while True:
+            blob = await asyncio.to_thread(self._seal, p, target)
+            try:
+                await self.peer.call(
+                    "upload",
+                    expect={"ack"},
+                    round=target,
+                    update=blob,
+                    throughput=p.throughput,
+                    timeout=600.0,
+                )
+                return
+            except RemoteError as exc:
+                if exc.code not in ("duplicate_update", "round_closed"):
+                    raise
+                if not buffered or exc.code == "duplicate_update":
+                    log.warning("round %d upload not counted: %s", target, exc)
+                    return
+            status = await self.peer.call("hello", expect={"welcome"})
+            target = int(status.get("round", target))
+            if target - p.base_round > max_stale:
+                log.warning("update from round %d too stale; dropped", p.base_round)
+                return
 
     async def run(self, stop: asyncio.Event) -> bool:
         """Work rounds until the aggregator says ``done``; True when the run ended well."""
@@ -181,17 +240,10 @@ class ClientService:
                 if msg["t"] == "wait":
                     await asyncio.sleep(float(messages.require(msg, "retry_s", float, lo=0, hi=60)))
                     continue
-                rnd, blob = await asyncio.to_thread(self._protect, msg)
-                try:
-                    await self.peer.call(
-                        "upload", expect={"ack"}, round=rnd, update=blob, timeout=600.0
-                    )
-                except RemoteError as exc:
-                    if exc.code not in ("duplicate_update", "round_closed"):
-                        raise
-                    log.warning("round %d upload not counted: %s", rnd, exc)
-                last = rnd
-                self.rounds_done.append(rnd)
+                pending = await asyncio.to_thread(self._train, msg)
+                await self._upload(pending)
+                last = pending.base_round
+                self.rounds_done.append(last)
             return False
         finally:
             await self.peer.close()

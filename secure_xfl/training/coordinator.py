@@ -60,6 +60,8 @@ class CoordinatorSettings:
     """Public bound on weights; aggregator-side multipliers are weight / weight_cap."""
     announce: Mapping[str, Any] = field(default_factory=dict)
     """Extra round settings forwarded to clients (rule, local training, DP)."""
+    buffered: bool = False
+    """Buffered asynchronous aggregation: close a round once min_clients uploaded."""
     give_up_after_s: float = 0.0
     """Fail the run when a round has fewer than min_clients this long after opening
     (0 = three times ``timeout_s``)."""
@@ -117,6 +119,7 @@ class Coordinator:
         self.ok = False
         self.budget_exhausted = False
         self.history: list[RoundRecord] = []
+        self.throughputs: dict[str, float] = {}
         self._open(now)
 
     # -- state ---------------------------------------------------------------------------
@@ -175,12 +178,21 @@ class Coordinator:
             "weighting": s.weighting,
             "weight_cap": s.weight_cap,
             "timeout_s": s.timeout_s,
-            "settings": dict(s.announce),
+            "settings": {
+                **s.announce,
+                "clients": sorted(self.enrolled()),
+                "throughputs": dict(self.throughputs),
+            },
             "model": model,
         }
 
-    def upload(self, peer: str, round: int, blob: bytes) -> dict[str, Any]:
-        """Verify and accumulate one protected update (atomic: all or nothing)."""
+    def upload(
+        self, peer: str, round: int, blob: bytes, throughput: float | None = None
+    ) -> dict[str, Any]:
+        """Verify and accumulate one protected update (atomic: all or nothing).
+
+        ``throughput`` (samples/s, reported in plaintext) sizes dynamic partitions.
+        """
         self._check_peer(peer)
         if self.phase != "collecting" or round != self.round:
             raise RoundClosed(
@@ -188,6 +200,8 @@ class Coordinator:
             )
         update = ProtectedUpdate.decode(blob)
         self.acc.add(update, peer=peer)
+        if throughput is not None and throughput > 0:
+            self.throughputs[peer] = throughput
         self.record.bytes_up += len(blob)
         log.info(
             "round %d: update from %s accepted (%d/%d)",
@@ -210,7 +224,10 @@ class Coordinator:
         s = self.settings
         count, enrolled = self.acc.count, len(self.enrolled())
         elapsed = now - self.record.opened_at
-        complete = count >= enrolled and count >= s.min_clients
+        # Buffered async releases a buffer as soon as it covers min_clients;
+        # stragglers re-target the next buffer with a staleness discount.
+        wanted = s.min_clients if s.buffered else max(enrolled, s.min_clients)
+        complete = count >= wanted
         late = elapsed >= s.timeout_s and count >= s.min_clients
         if complete or late:
             self.phase = "decrypting"

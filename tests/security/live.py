@@ -103,8 +103,14 @@ def protect_as(
     signing_key: Any = None,
     weight: float | None = None,
 ) -> ProtectedUpdate:
-    """A real protected update: encrypted under the kit's public context, signed."""
+    """A real protected update, as the kit's client process would make it: encrypted
+    under the public context, weighted per the run's ``round.weighting``, signed."""
     name = client or kit.config.party.name
+    weighting = kit.config.round.weighting
+    if weight is None:
+        weight = float(RandomTrainer.samples_for(name))
+        if weighting == "client":
+            weight /= WEIGHT_CAP
     return protect_vector(
         vec,
         ctx=kit.public_context(),
@@ -114,7 +120,8 @@ def protect_as(
         round=rnd,
         client=name,
         signing_key=signing_key or kit.tls.private_key,
-        weight=float(weight if weight is not None else RandomTrainer.samples_for(name)),
+        weight=float(weight),
+        weighting=weighting,
     )
 
 
@@ -138,8 +145,8 @@ def accumulate(
         layout_digest=layout_for(zero_model(numel)).digest,
         numel=numel,
         key_for=lambda name: certs[name],
-        weighting="aggregator",
-        weight_scale=WEIGHT_CAP,
+        weighting=kit.config.round.weighting,
+        weight_scale=WEIGHT_CAP if kit.config.round.weighting == "aggregator" else 1.0,
     )
     for u in updates:
         acc.add(u)

@@ -167,9 +167,19 @@ def test_key_holder_refusal_ends_the_run_cleanly() -> None:
         upload(core, n, 1.0)
     req = core.tick(1.0)
     assert req is not None
-    core.decrypt_failed(req.round, "budget_exceeded: test", 2.0)
-    assert core.phase == "finished" and not core.ok and "budget_exceeded" in core.outcome
+    core.decrypt_failed(req.round, "bad_signature: a", 2.0)
+    assert core.phase == "finished" and not core.ok and "bad_signature" in core.outcome
     assert core.task("a", after=0)[0] == "done"
+
+
+def test_budget_refusal_is_a_clean_early_end() -> None:
+    core = make()
+    for n in "abc":
+        upload(core, n, 1.0)
+    req = core.tick(1.0)
+    assert req is not None
+    core.decrypt_failed(req.round, "decryption_refused: budget_exceeded: ε", 2.0)
+    assert core.ok and core.budget_exhausted and "privacy budget reached" in core.outcome
 
 
 def test_task_carries_the_current_model() -> None:

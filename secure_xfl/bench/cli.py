@@ -1,0 +1,95 @@
+"""``secure-xfl bench [--json OUT] [--quick]``: every figure of issue 7 in one run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from secure_xfl.bench.report import Row, markdown, write_json
+
+SECTIONS = ("crypto", "transport", "round")
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import tenseal
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "tenseal": tenseal.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="secure-xfl bench", description=__doc__)
+    p.add_argument("--json", metavar="OUT", help="write the rows as a JSON list here")
+    p.add_argument("--quick", action="store_true", help="small sizes (CI): seconds, not minutes")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
+    p.add_argument("--numel", type=int, help="crypto update size (default 262144; quick 12288)")
+    p.add_argument("--clients", help="ingest cohort sizes, e.g. 3,10,50")
+    p.add_argument("--transport-mb", type=int, help="upload size (default 100; quick 2)")
+    p.add_argument("--datagrams", help="QUIC datagram sizes (default 1200,1452,9000)")
+    p.add_argument("--round-numel", type=int, help="round update size (default 1e6)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected sections, print a markdown table, optionally write JSON."""
+    args = _parser().parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        print(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}", file=sys.stderr)
+        return 2
+    rows: list[Row] = []
+    started = time.monotonic()
+    if "crypto" in sections:
+        from secure_xfl.bench.crypto import CryptoBenchConfig
+        from secure_xfl.bench.crypto import run as crypto_run
+
+        clients = tuple(int(c) for c in args.clients.split(",")) if args.clients else (3, 10, 50)
+        numel = args.numel or (12_288 if args.quick else 1 << 18)
+        rows += crypto_run(
+            CryptoBenchConfig(numel=numel, clients=clients, repeats=1 if args.quick else 2)
+        )
+    if "transport" in sections:
+        from secure_xfl.bench.transport import run as transport_run
+
+        mb = args.transport_mb or (2 if args.quick else 100)
+        sizes = tuple(int(d) for d in (args.datagrams or "1200,1452,9000").split(","))
+        rows += transport_run(mb, sizes)
+    if "round" in sections:
+        from secure_xfl.bench.round import run as round_run
+
+        rows += round_run(args.round_numel or (30_000 if args.quick else 1_000_000))
+    print(markdown(rows))
+    info = machine()
+    print(
+        f"\n{info['nproc']} cores, {info['cpu']}, Python {info['python']}, "
+        f"TenSEAL {info['tenseal']}; {time.monotonic() - started:.0f} s"
+    )
+    if args.json:
+        write_json(Path(args.json), rows)
+        Path(args.json).with_suffix(".machine.json").write_text(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Local training, data, aggregation rules and the role runtimes."""
