@@ -54,6 +54,11 @@ class PrivacySettings:
 class RoundSettings:
     """How a round is run and closed."""
 
+    @property
+    def effective_weight_cap(self) -> float:
+        """``weight_cap``, or local_steps × batch_size when it is 0."""
+        return self.weight_cap if self.weight_cap > 0 else float(self.local_steps * self.batch_size)
+
     rule: Rule = "fedavg"
     """Server aggregation rule."""
     weighting: Literal["aggregator", "client"] = "client"
@@ -62,8 +67,11 @@ class RoundSettings:
     full DP noise and the aggregator only adds. ``aggregator``: the aggregator multiplies
     ciphertexts by weight/weight_cap, which also scales the noise down (the key holder
     records the lower effective σ, so ε grows faster)."""
-    weight_cap: float = 1e6
-    """Public bound on a client's weight (sample count); weights are divided by it."""
+    weight_cap: float = 0.0
+    """Public bound on a client's weight (sample count); weights are divided by it and
+    clamped to 1. Keep it near the typical per-round sample count: under client
+    weighting a weight far below 1 shrinks the signal but not the DP noise.
+    0 (default) = ``local_steps × batch_size``, the samples one round of local training sees."""
     timeout_s: float = 600.0
     """A round closes this long after it opens if at least min_clients have uploaded."""
     server_lr: float = 1.0

@@ -191,6 +191,10 @@ class Accumulator:
         self._clients.add(update.statement.client)
         log.debug("round %s: added update of %s (%d so far)", self.round, peer, self.count)
 
+    def result_manifest(self) -> tuple[SignedStatement, ...]:
+        """The signed statements accepted so far (no ciphertexts)."""
+        return tuple(self._manifest)
+
     def result(self) -> EncryptedAggregate:
         """The encrypted aggregate with its manifest, for the key holder."""
         if self._sum is None:

@@ -61,7 +61,7 @@ class AggregatorService:
             weighting=cfg.round.weighting,
             # e^{-L} weights are already ≤ 1; dividing them by a large cap would only
             # amplify the CKKS error floor.
-            weight_cap=1.0 if rule == "dynamic" else cfg.round.weight_cap,
+            weight_cap=1.0 if rule == "dynamic" else cfg.round.effective_weight_cap,
             buffered=rule == "async",
             announce={
                 "rule": rule,
@@ -93,6 +93,10 @@ class AggregatorService:
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             self._save_model(0)
+            if evaluator is not None:
+                initial = evaluator(self.core.model())
+                (out_dir / "initial.json").write_text(json.dumps(initial))
+                log.info("initial model: %s", json.dumps(initial))
 
     def _enrolled(self) -> dict[str, Any]:
         return self._certs

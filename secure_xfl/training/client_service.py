@@ -157,7 +157,10 @@ class ClientService:
         result = self.trainer.train(model, rnd, settings)
         upd = {k: torch.from_numpy(np.asarray(v)) for k, v in result.update.items()}
         rule = str(settings.get("rule", "fedavg"))
-        weight = client_weight(rule, result.num_samples, result.loss, cap)
+        ref = settings.get("loss_ref")
+        weight = client_weight(
+            rule, result.num_samples, result.loss, cap, None if ref is None else float(ref)
+        )
         if weighting == "client" and rule != "dynamic":
             weight = weight / cap
         rate = (result.metrics or {}).get("throughput")

@@ -120,6 +120,7 @@ class Coordinator:
         self.budget_exhausted = False
         self.history: list[RoundRecord] = []
         self.throughputs: dict[str, float] = {}
+        self.loss_ref: float | None = None
         self._open(now)
 
     # -- state ---------------------------------------------------------------------------
@@ -182,6 +183,7 @@ class Coordinator:
                 **s.announce,
                 "clients": sorted(self.enrolled()),
                 "throughputs": dict(self.throughputs),
+                "loss_ref": self.loss_ref,
             },
             "model": model,
         }
@@ -259,6 +261,11 @@ class Coordinator:
         if average.shape != self.params.shape:
             raise TrainingError("decrypted aggregate has the wrong length")
         self.params = self.rule.apply(self.params, average)
+        losses = [
+            s.statement.loss for s in self.acc.result_manifest() if s.statement.loss is not None
+        ]
+        if losses:
+            self.loss_ref = min(losses)
         self.record.finished_at = now
         self.record.info = dict(info)
         self.history.append(self.record)

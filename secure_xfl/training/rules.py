@@ -18,17 +18,29 @@ from secure_xfl.errors import ConfigError
 RULES = ("fedavg", "dynamic", "gradient", "async", "fedadam", "fedyogi", "fedadagrad")
 
 
-def client_weight(rule: str, num_samples: int, loss: float | None, weight_cap: float) -> float:
+def client_weight(
+    rule: str,
+    num_samples: int,
+    loss: float | None,
+    weight_cap: float,
+    loss_ref: float | None = None,
+) -> float:
     """The signed weight a client attaches to its update under ``rule``.
 
-    FedAvg / gradient / adaptive optimisers: n_i (divided by the public cap).
-    Dynamic: e^{-L_i}, so the key holder's normalisation yields
-    α_i = e^{-L_i} / Σ_j e^{-L_j}.
+    FedAvg / gradient / adaptive optimisers: n_i clamped to the public cap.
+    Dynamic: e^{-(L_i - L_ref)}, so the key holder's normalisation yields
+    α_i = e^{-L_i} / Σ_j e^{-L_j} (a common shift cancels). L_ref is public (the
+    smallest loss reported in the previous round), which keeps weights near 1 —
+    tiny weights would shrink each update but not its DP noise. Weights are
+    clamped to ≤ 1 so no contribution exceeds the clip norm; in the first round
+    (no reference yet) every client weighs 1.
     """
     if rule == "dynamic":
         if loss is None or not math.isfinite(loss) or loss < 0:
             raise ConfigError("dynamic weighting needs a finite, non-negative reported loss")
-        return max(math.exp(-loss), 1e-12)
+        if loss_ref is None:
+            return 1.0
+        return min(1.0, max(math.exp(-(loss - loss_ref)), 1e-12))
     if num_samples < 1:
         raise ConfigError("a client must report at least one sample")
     return min(float(num_samples), weight_cap)

@@ -102,7 +102,9 @@ def test_quant_spec_validation_and_wire_form() -> None:
         with pytest.raises(EnvelopeError):
             QuantSpec.from_wire(bad)
     with pytest.raises(CodecError):
-        QuantSpec(bits=24, max_clients=1024, range=1.0)  # no lane fits
+        QuantSpec(bits=25, max_clients=8, range=1.0)
+    widest = QuantSpec(bits=24, max_clients=1024, range=1.0)
+    assert widest.lanes == 1 and widest.scale_bits + widest.lane_bits <= 58
     with pytest.raises(CodecError):
         QuantSpec.for_dp(DPConfig(clip_norm=1.0, noise_multiplier=0.0, min_clients=3))
 
@@ -195,7 +197,7 @@ def test_packed_refusals(client_keys: object, tmp_path: Path) -> None:
     # Different quantisations cannot be summed.
     acc = _acc(keys, numel)
     acc.add(_protect(keys[names[0]], names[0], vec, 0))
-    other = QuantSpec.for_dp(DP, max_clients=8)
+    other = QuantSpec.for_dp(DP, max_clients=4)
     with pytest.raises(AggregationError, match="quantisation"):
         acc.add(_protect(keys[names[1]], names[1], vec, 1, quant=other))
     # The headroom bounds the cohort.
