@@ -143,6 +143,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from secure_xfl.experiment import ExperimentConfig, run_experiment
+
+    cfg = ExperimentConfig(rounds=args.rounds, local_steps=args.local_steps, out=Path(args.out))
+    print(run_experiment(cfg))
+    return 0
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from secure_xfl.privacy.audit import main as audit_main
 
@@ -232,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="slow a cloud down, e.g. cloud-c=3 (repeatable)",
     )
     s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("experiment", help="the paper's rule × partitioning comparison")
+    s.add_argument("--rounds", type=int, default=3, help="rounds per run (paper: 100)")
+    s.add_argument("--local-steps", type=int, default=20, help="local steps per round")
+    s.add_argument("--out", default="experiment-out", help="results folder")
+    s.set_defaults(func=_cmd_experiment)
 
     s = sub.add_parser("audit", help="verify a privacy ledger and recompute ε", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)

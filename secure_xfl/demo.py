@@ -54,8 +54,8 @@ class DemoConfig:
     """Round deadline."""
     min_clients: int = 2
     """Smallest cohort the key holder decrypts."""
-    max_bytes: int = 400_000
-    """Corpus bytes read (smaller = faster start-up)."""
+    server_lr: float = 1.0
+    """Server learning rate (η of gradient aggregation; 1 = plain FedAvg)."""
 
 
 def _base_config(cfg: DemoConfig) -> dict[str, Any]:
@@ -68,6 +68,7 @@ def _base_config(cfg: DemoConfig) -> dict[str, Any]:
             "local_lr": 3e-3,
             "batch_size": 16,
             "timeout_s": cfg.timeout_s,
+            "server_lr": cfg.server_lr,
         },
     }
 
@@ -179,7 +180,7 @@ def run_federation(cfg: DemoConfig, work: Path) -> tuple[list[dict[str, Any]], d
                 *data,
             )
         rounds_file = agg_out / "rounds.jsonl"
-        with tqdm(total=cfg.rounds, desc="federated rounds", unit="round") as bar:
+        with tqdm(total=cfg.rounds, desc="federated rounds", unit="round", disable=None) as bar:
             while agg.poll() is None:
                 done = rounds_file.read_text().count("\n") if rounds_file.exists() else 0
                 bar.update(done - bar.n)

@@ -238,19 +238,28 @@ def _error_ratio(system: _System, xs: list[np.ndarray], dp: DPConfig, got: np.nd
 # ---------------------------------------------------------------------------- ingest child
 
 
+def _rss_mb() -> float:
+    """Current resident set size (the high-water mark would include the setup's peak)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _plain_ingest(numel: int, n: int, dp: DPConfig) -> tuple[float, float]:
     blob = privatize(next(_updates(numel, 1)), dp).astype(np.float32).tobytes()
     acc = np.zeros(numel, dtype=np.float64)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak = _rss_mb()
     busy = 0.0
     for _ in range(n):
         received = bytes(bytearray(blob))  # a fresh buffer per client, as off the wire
         start = time.perf_counter()
         acc += np.frombuffer(received, dtype=np.float32)
         busy += time.perf_counter() - start
+        peak = max(peak, _rss_mb())
         del received
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return n * numel / busy, max(0, after - before) / 1024.0
+    return n * numel / busy, peak - before
 
 
 def _ingest_child(
@@ -277,8 +286,9 @@ def _ingest_child(
         weighting=weighting,
         weight_scale=_CAP if weighting == "aggregator" else 1.0,
     )
-    # The setup above holds one update; the high-water mark from here on is the ingest's.
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Growth of the resident set over the setup (which holds one update's chunks),
+    # sampled with each update in flight and after each add.
+    before = peak = _rss_mb()
     busy = 0.0
     for i in range(n):
         # Client i's wire bytes: same ciphertexts, its own signed statement. Made one
@@ -287,12 +297,13 @@ def _ingest_child(
         blob = ProtectedUpdate(
             SignedStatement(st, sign(key, st.signing_bytes())), template.chunks
         ).encode()
+        peak = max(peak, _rss_mb())
         start = time.perf_counter()
         acc.add(blob)
         busy += time.perf_counter() - start
+        peak = max(peak, _rss_mb())
         del blob
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out.put((n * numel / busy, max(0, after - before) / 1024.0))
+    out.put((n * numel / busy, peak - before))
 
 
 def _ingest(system: _System, cfg: CryptoBenchConfig, n: int) -> tuple[float, float]:

@@ -82,13 +82,18 @@ class RandomTrainer:
             for k, v in sorted(model.items())
         }
 
+    @staticmethod
+    def loss_for(client: str) -> float:
+        """A fixed, distinct per-client reported loss in [1, 2) (dynamic weighting)."""
+        return 1.0 + (zlib.crc32(client.encode()) % 100) / 100
+
     def train(
         self, model: dict[str, np.ndarray], round: int, settings: Mapping[str, Any]
     ) -> TrainResult:
         return TrainResult(
             update=self.update_for(self.client, round, model, self.seed, self.scale),
             num_samples=self.samples_for(self.client),
-            loss=1.0,
+            loss=self.loss_for(self.client),
         )
 
 
