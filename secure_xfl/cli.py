@@ -108,7 +108,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             name, data=_data_spec(args), slow_factor=args.slow, device=args.device
         )
     else:
-        trainer = RandomTrainer(name, seed=args.seed)
+        trainer = RandomTrainer(name, seed=args.seed, delay_s=args.delay)
     ok = asyncio.run(
         serve_client(
             kit, aggregator=args.aggregator or kit.config.endpoints.aggregator, trainer=trainer
@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sleep this many times the compute time per round (simulated slow cloud)",
     )
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
+    s.add_argument(
+        "--delay",
+        type=float,
+        default=0.0,
+        help="random trainer: seconds of simulated work per round",
+    )
     _data_args(s)
     s.set_defaults(func=_cmd_client)
 

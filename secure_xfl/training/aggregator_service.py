@@ -116,7 +116,7 @@ class AggregatorService:
                 return messages.encode("welcome", **self.core.hello(name))
             if msg["t"] == "task":
                 after = messages.require(msg, "after", int, lo=-1, hi=2**31)
-                kind, fields = self.core.task(name, after)
+                kind, fields = self.core.task(name, after, time.monotonic())
                 if kind == "done":
                     self._done_seen.add(name)
                 if kind == "round":

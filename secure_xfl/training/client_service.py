@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,10 +63,13 @@ class RandomTrainer:
     (seed, crc32(c), r), so a test can recompute every expected aggregate.
     """
 
-    def __init__(self, client: str, *, seed: int = 0, scale: float = 0.01) -> None:
+    def __init__(
+        self, client: str, *, seed: int = 0, scale: float = 0.01, delay_s: float = 0.0
+    ) -> None:
         self.client = client
         self.seed = seed
         self.scale = scale
+        self.delay_s = delay_s  # simulated slow cloud
 
     @staticmethod
     def samples_for(client: str) -> int:
@@ -90,10 +94,14 @@ class RandomTrainer:
     def train(
         self, model: dict[str, np.ndarray], round: int, settings: Mapping[str, Any]
     ) -> TrainResult:
+        start = time.monotonic()
+        time.sleep(self.delay_s)
+        n = self.samples_for(self.client)
         return TrainResult(
             update=self.update_for(self.client, round, model, self.seed, self.scale),
-            num_samples=self.samples_for(self.client),
+            num_samples=n,
             loss=self.loss_for(self.client),
+            metrics={"throughput": n / max(time.monotonic() - start, 1e-3)},
         )
 
 

@@ -64,7 +64,7 @@ class CoordinatorSettings:
     """Buffered asynchronous aggregation: close a round once min_clients uploaded."""
     give_up_after_s: float = 0.0
     """Fail the run when a round has fewer than min_clients this long after opening
-    (0 = three times ``timeout_s``)."""
+    (0 = the larger of three times ``timeout_s`` and 300 s, so slow starts survive)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,7 @@ class Coordinator:
             weight_scale=s.weight_cap if s.weighting == "aggregator" else 1.0,
         )
         self.record = RoundRecord(round=self.round, opened_at=now)
+        self.announced_at: float | None = None
         self.phase = "collecting"
         log.info("round %d open (run %s)", self.round, s.run)
 
@@ -163,14 +164,20 @@ class Coordinator:
             "preset": self.preset.name,
         }
 
-    def task(self, peer: str, after: int) -> tuple[str, dict[str, Any]]:
-        """The round a client should work on next, ``wait`` or ``done``."""
+    def task(self, peer: str, after: int, now: float | None = None) -> tuple[str, dict[str, Any]]:
+        """The round a client should work on next, ``wait`` or ``done``.
+
+        The round's deadline runs from the first time it is handed to a client
+        (``now``), not from when it opened: a cohort still starting up is not late.
+        """
         self._check_peer(peer)
         if self.phase == "finished":
             return "done", {"reason": self.outcome, "rounds": len(self.history), "ok": self.ok}
         if self.phase != "collecting" or self.round <= after or peer in self.acc.clients:
             return "wait", {"retry_s": 0.2}
         s = self.settings
+        if self.announced_at is None:
+            self.announced_at = self.record.opened_at if now is None else now
         model = self.model()
         return "round", {
             "run": s.run,
@@ -196,14 +203,16 @@ class Coordinator:
         ``throughput`` (samples/s, reported in plaintext) sizes dynamic partitions.
         """
         self._check_peer(peer)
+        if throughput is not None and throughput > 0:
+            # Recorded even for a late upload: slow clouds are exactly what
+            # dynamic partitioning needs to hear about.
+            self.throughputs[peer] = throughput
         if self.phase != "collecting" or round != self.round:
             raise RoundClosed(
                 f"round {round} is not collecting (current {self.round}, {self.phase})"
             )
         update = ProtectedUpdate.decode(blob)
         self.acc.add(update, peer=peer)
-        if throughput is not None and throughput > 0:
-            self.throughputs[peer] = throughput
         self.record.bytes_up += len(blob)
         log.info(
             "round %d: update from %s accepted (%d/%d)",
@@ -230,7 +239,11 @@ class Coordinator:
         # stragglers re-target the next buffer with a staleness discount.
         wanted = s.min_clients if s.buffered else max(enrolled, s.min_clients)
         complete = count >= wanted
-        late = elapsed >= s.timeout_s and count >= s.min_clients
+        late = (
+            self.announced_at is not None
+            and now - self.announced_at >= s.timeout_s
+            and count >= s.min_clients
+        )
         if complete or late:
             self.phase = "decrypting"
             self.record.closed_at = now
@@ -242,7 +255,7 @@ class Coordinator:
                 " at the deadline" if late and not complete else "",
             )
             return DecryptRequest(self.round, self.acc.result().encode())
-        give_up = s.give_up_after_s or 3 * s.timeout_s
+        give_up = s.give_up_after_s or max(3 * s.timeout_s, 300.0)
         if elapsed >= give_up:
             self._finish(
                 f"round {self.round} had {count} < min_clients {s.min_clients} uploads "

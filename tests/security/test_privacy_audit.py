@@ -141,8 +141,8 @@ def test_canary_exposure_with_and_without_client_level_dp() -> None:
     """§2 "the distributed DP noise in every decrypted aggregate is at least what the
     accountant assumed", empirically: a 3-digit canary planted in one client's data is
     memorised by a small GPT-2 trained through real protect → encrypted sum → policy
-    decryption without DP (exposure ≥ 7 of 9.97 bits), and not with client-level DP
-    (σ=1, K=3; exposure ≤ 5 bits, chance level ≈ 1.4)."""
+    decryption without DP (exposure ≥ 6 of 9.97 bits), and not with client-level DP
+    (σ=1, K=3; exposure ≤ 4 bits, chance level ≈ 1.4)."""
     torch.set_num_threads(1)
     canary = make_canary(0, length=3)
     lm = LMConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, lora_r=4)
@@ -161,5 +161,5 @@ def test_canary_exposure_with_and_without_client_level_dp() -> None:
         f"held-out loss {private.initial_loss:.2f} -> {private.eval_loss:.2f}, "
         f"ε = {private.epsilon:.1f} at δ = {dp.delta}, {private.seconds:.0f}s"
     )
-    assert plain.exposure.bits >= 7.0  # the measurement can see memorisation
-    assert private.exposure.bits <= 5.0
+    assert plain.exposure.bits >= 6.0  # the measurement can see memorisation
+    assert private.exposure.bits <= 4.0
