@@ -151,6 +151,12 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from secure_xfl.bench.cli import main as bench_main
+
+    return bench_main(args.rest)
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from secure_xfl.privacy.audit import main as audit_main
 
@@ -253,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="experiment-out", help="results folder")
     s.set_defaults(func=_cmd_experiment)
 
+    s = sub.add_parser(
+        "bench", help="benchmarks vs the NVFlare-default CKKS baseline", add_help=False
+    )
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_cmd_bench)
+
     s = sub.add_parser("audit", help="verify a privacy ledger and recompute ε", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_cmd_audit)
@@ -260,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # audit and bench own their whole argument list (including --help).
+    if argv and argv[0] in ("audit", "bench"):
+        from secure_xfl.training.runtime import setup_logging
+
+        setup_logging(argv[0], level="WARNING")
+        ns = argparse.Namespace(rest=argv[1:])
+        return _cmd_audit(ns) if argv[0] == "audit" else _cmd_bench(ns)
     args = build_parser().parse_args(argv)
     from secure_xfl.training.runtime import setup_logging
 

@@ -32,6 +32,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from secure_xfl.errors import PrivacyError
@@ -302,8 +303,9 @@ def _parser() -> _Parser:
     )
     p.add_argument("ledger", metavar="LEDGER", help="privacy ledger (JSON Lines)")
     p.add_argument(
-        "--cert", required=True, metavar="KEYHOLDER_CERT_PEM",
-        help="key holder's PEM certificate or PEM public key",
+        "--cert", metavar="KEYHOLDER_CERT_PEM",
+        help="key holder's PEM certificate or public key (default: keyholder-cert.pem beside "
+        "the ledger, or the kit's cert.pem when the ledger is KIT/state/ledger.jsonl)",
     )  # fmt: skip
     p.add_argument("--delta", type=float, help="δ to report ε at (default: the ledger's)")
     p.add_argument("--budget", type=float, metavar="EPS", help="fail (exit 1) above this ε")
@@ -313,6 +315,14 @@ def _parser() -> _Parser:
     p.add_argument("--no-prv", action="store_true", help="skip the PRV accountant")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
+
+
+def _default_cert(ledger: Path) -> Path | None:
+    """The key holder's certificate where secure-xfl puts it next to a ledger."""
+    for candidate in (ledger.parent / "keyholder-cert.pem", ledger.parent.parent / "cert.pem"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -325,10 +335,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
+    cert = args.cert or _default_cert(Path(args.ledger))
+    if cert is None:
+        print(f"{parser.prog}: error: no --cert given and none found beside the ledger",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
         report = audit(
             args.ledger,
-            args.cert,
+            cert,
             delta=args.delta,
             budget=args.budget,
             run=args.run,

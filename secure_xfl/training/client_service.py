@@ -20,6 +20,7 @@ import torch
 
 from secure_xfl.crypto.codec import TensorLayout, flatten, layout_of
 from secure_xfl.crypto.context import check_context_matches, get_preset
+from secure_xfl.crypto.packing import QuantSpec
 from secure_xfl.crypto.protect import protect_vector
 from secure_xfl.errors import TrainingError
 from secure_xfl.kit import Kit
@@ -123,6 +124,7 @@ class _Pending:
     loss: float | None
     settings: Mapping[str, Any]
     throughput: float | None
+    quant: QuantSpec | None = None
 
 
 def dp_config(settings: Mapping[str, Any]) -> DPConfig | None:
@@ -188,6 +190,7 @@ class ClientService:
             loss=result.loss,
             settings=settings,
             throughput=None if rate is None else float(rate),
+            quant=None if msg.get("quant") is None else QuantSpec.from_wire(msg["quant"]),
         )
 
     def _seal(self, p: _Pending, round: int) -> bytes:
@@ -206,6 +209,8 @@ class ClientService:
             weighting=p.weighting,
             loss=p.loss,
             dp=dp_config(p.settings),  # fresh noise: only one sealed copy is ever accepted
+            quant=p.quant,
+            max_clients=p.quant.max_clients if p.quant else 8,
         )
         blob = protected.encode()
         log.info("round %d: upload %.2f MB (staleness %d)", round, len(blob) / 1e6, staleness)

@@ -22,7 +22,9 @@ from secure_xfl.crypto.aggregate import Accumulator
 from secure_xfl.crypto.codec import flatten, layout_of, unflatten
 from secure_xfl.crypto.context import CKKSPreset
 from secure_xfl.crypto.envelope import ProtectedUpdate
+from secure_xfl.crypto.packing import QuantSpec
 from secure_xfl.errors import SecureXFLError, TrainingError
+from secure_xfl.privacy.dp import DPConfig
 from secure_xfl.training.rules import ServerRule
 
 log = logging.getLogger(__name__)
@@ -124,8 +126,25 @@ class Coordinator:
         self._open(now)
 
     # -- state ---------------------------------------------------------------------------
+    def _quant(self) -> QuantSpec | None:
+        """Packed presets: the quantisation every client of this round must sign."""
+        if not self.preset.packed:
+            return None
+        a = self.settings.announce
+        if self.settings.weighting != "client":
+            raise TrainingError(f"preset {self.preset.name!r} needs client-side weighting")
+        dp = DPConfig(
+            clip_norm=float(a.get("clip_norm", 1.0)),
+            noise_multiplier=float(a.get("noise_multiplier", 0.0)),
+            min_clients=self.settings.min_clients,
+            delta=float(a.get("delta", 1e-5)),
+        )
+        # Lane headroom for everyone enrolled now (at least the library default).
+        return QuantSpec.for_dp(dp, max_clients=max(8, len(self.enrolled())))
+
     def _open(self, now: float) -> None:
         s = self.settings
+        self.quant = self._quant()
         self.acc = Accumulator(
             ctx=self.ctx,
             preset=self.preset,
@@ -136,6 +155,7 @@ class Coordinator:
             key_for=lambda name: self.enrolled()[name],
             weighting=s.weighting,
             weight_scale=s.weight_cap if s.weighting == "aggregator" else 1.0,
+            quant=self.quant,
         )
         self.record = RoundRecord(round=self.round, opened_at=now)
         self.announced_at: float | None = None
@@ -185,6 +205,7 @@ class Coordinator:
             "layout": self.layout.digest,
             "weighting": s.weighting,
             "weight_cap": s.weight_cap,
+            "quant": None if self.quant is None else self.quant.to_wire(),
             "timeout_s": s.timeout_s,
             "settings": {
                 **s.announce,

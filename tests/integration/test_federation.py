@@ -74,3 +74,27 @@ def test_aggregator_kit_holds_nothing_that_can_decrypt(tmp_path: Path) -> None:
         assert not ctx.has_secret_key(), path
         assert ctx.is_public()
     assert load_context((root / "keyholder" / "ckks-secret.ctx").read_bytes()).has_secret_key()
+
+
+def test_packed_preset_over_real_processes(tmp_path: Path) -> None:
+    """The compact fast path (xfl-packed) through the real services, with DP on."""
+    root = provision(
+        tmp_path,
+        CLIENTS,
+        federation={"rounds": 1, "min_clients": 3, "preset": "xfl-packed"},
+        privacy={"noise_multiplier": 0.001, "clip_norm": 1.0},
+        round={"timeout_s": 60.0, "weight_cap": 1000.0, "weighting": "client"},
+    )
+    with federation(root) as fed:
+        fed.start_keyholder()
+        fed.start_aggregator(f"vector:{NUMEL}")
+        for c in CLIENTS:
+            fed.start_client(c)
+        assert fed.wait("aggregator") == 0, fed.logs()
+    got = np.load(root / "agg-out" / "global-1.npy", allow_pickle=False)
+    want = expected_models(1)[1]
+    # DP noise std σC = 1e-3 on the weighted sum, divided by Σ weights ≥ 0.3; plus
+    # quantisation error ≤ 1% of that noise.
+    assert np.abs(got - want).max() < 6 * 1e-3 / 0.3
+    assert np.abs(got - want).std() < 1e-3 / 0.3
+    assert np.abs(want).max() > 0.01

@@ -1,0 +1,49 @@
+"""`secure-xfl demo` end to end: report, plots, falling loss, and a ledger that audits clean."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+
+CLI = [sys.executable, "-m", "secure_xfl.cli"]
+
+
+def test_demo_runs_and_its_ledger_audits_clean(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    done = subprocess.run(
+        [*CLI, "demo", "--out", str(out), "--rounds", "2", "--local-steps", "15"],
+        capture_output=True,
+        text=True,
+        timeout=580,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert set(r) >= {
+            "round",
+            "loss",
+            "perplexity",
+            "accuracy",
+            "bytes_up",
+            "bytes_down",
+            "seconds",
+            "epsilon",
+        }
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0
+    assert rounds[-1]["loss"] < report["initial"]["loss"] - 0.3
+    for name in ("report.md", "loss.png", "bytes.png", "ledger.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+    audit = subprocess.run(
+        [*CLI, "audit", str(out / "ledger.jsonl"), "--json"], capture_output=True, text=True
+    )
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    verdict = json.loads(audit.stdout)
+    assert verdict["ok"] is True and verdict["rounds"] == 2
