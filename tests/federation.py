@@ -138,3 +138,16 @@ def federation(root: Path) -> Iterator[Federation]:
         yield fed
     finally:
         fed.stop_all()
+
+
+def run_to_completion(root: Path, clients: Sequence[str], model: str) -> Federation:
+    """Start key holder, aggregator and every client; wait until all exit successfully."""
+    with federation(root) as fed:
+        fed.start_keyholder()
+        fed.start_aggregator(model)
+        for c in clients:
+            fed.start_client(c)
+        assert fed.wait("aggregator") == 0, fed.logs()
+        for c in clients:
+            assert fed.wait(f"client-{c}", timeout=60) == 0, fed.logs()
+    return fed

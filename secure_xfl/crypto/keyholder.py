@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from secure_xfl.crypto.context import CKKSPreset
 from secure_xfl.crypto.envelope import EncryptedAggregate
 from secure_xfl.crypto.errors import DecryptionRefused, EnvelopeError
 from secure_xfl.crypto.packing import QuantSpec, unpack_vector
+from secure_xfl.privacy.dp import effective_noise_multiplier
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,6 @@ class DecryptedAggregate:
     """Σ wᵢ xᵢ / Σ wᵢ as a flat float64 vector."""
     total_weight: float
     """Σ wᵢ (signed weights)."""
-
-
-def effective_noise(sigma: float, min_clients: int, weights: tuple[float, ...]) -> float:
-    """σ of Σ aᵢyᵢ over its sensitivity C·max aᵢ when each yᵢ carries std σC/√K."""
-    if sigma == 0:
-        return 0.0
-    return sigma * math.sqrt(sum(a * a for a in weights)) / (math.sqrt(min_clients) * max(weights))
 
 
 class KeyHolder:
@@ -195,7 +188,7 @@ class KeyHolder:
             weights = tuple(s.statement.weight / agg.weight_scale for s in agg.manifest)
         else:
             weights = tuple(1.0 for _ in agg.manifest)
-        sigma = effective_noise(pol.noise_multiplier, pol.min_clients, weights)
+        sigma = effective_noise_multiplier(pol.noise_multiplier, pol.min_clients, weights)
         if sigma < pol.min_effective_noise:
             raise DecryptionRefused("noise_too_low", f"effective σ {sigma:.3f}")
         order = sorted(range(len(names)), key=lambda i: names[i])

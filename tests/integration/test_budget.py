@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from secure_xfl.privacy.audit import audit
-from tests.federation import federation, provision
+from tests.federation import provision, run_to_completion
 
 CLIENTS = ("alpha", "beta", "gamma")
 
@@ -25,15 +25,8 @@ def test_run_stops_at_the_privacy_budget(tmp_path: Path) -> None:
         privacy={"noise_multiplier": 1.0, "clip_norm": 1.0, "epsilon_budget": 8.0},
         round={"timeout_s": 60.0, "weight_cap": 1000.0, "weighting": "client"},
     )
-    with federation(root) as fed:
-        fed.start_keyholder()
-        fed.start_aggregator("vector:500")
-        for c in CLIENTS:
-            fed.start_client(c)
-        assert fed.wait("aggregator") == 0, fed.logs()
-        for c in CLIENTS:
-            assert fed.wait(f"client-{c}", timeout=60) == 0, fed.logs()
-        agg_log = fed.procs["aggregator"].text()
+    fed = run_to_completion(root, CLIENTS, "vector:500")
+    agg_log = fed.procs["aggregator"].text()
 
     outcome = json.loads((root / "agg-out" / "outcome.json").read_text())
     assert outcome["budget_exhausted"] is True and outcome["rounds"] == 2

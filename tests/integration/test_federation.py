@@ -10,7 +10,7 @@ import pytest
 from secure_xfl.crypto.context import get_preset, load_context
 from secure_xfl.errors import SecureXFLError
 from secure_xfl.training.client_service import RandomTrainer
-from tests.federation import federation, provision
+from tests.federation import provision, run_to_completion
 
 CLIENTS = ("alpha", "beta", "gamma")
 NUMEL = 3000
@@ -42,14 +42,7 @@ def test_two_rounds_over_real_processes(tmp_path: Path) -> None:
         federation={"rounds": 2, "min_clients": 3},
         round={"timeout_s": 60.0, "weight_cap": 1000.0},
     )
-    with federation(root) as fed:
-        fed.start_keyholder()
-        fed.start_aggregator(f"vector:{NUMEL}")
-        for c in CLIENTS:
-            fed.start_client(c)
-        assert fed.wait("aggregator") == 0, fed.logs()
-        for c in CLIENTS:
-            assert fed.wait(f"client-{c}", timeout=60) == 0, fed.logs()
+    run_to_completion(root, CLIENTS, f"vector:{NUMEL}")
 
     out = root / "agg-out"
     expected = expected_models(2)
@@ -85,12 +78,7 @@ def test_packed_preset_over_real_processes(tmp_path: Path) -> None:
         privacy={"noise_multiplier": 0.001, "clip_norm": 1.0},
         round={"timeout_s": 60.0, "weight_cap": 1000.0, "weighting": "client"},
     )
-    with federation(root) as fed:
-        fed.start_keyholder()
-        fed.start_aggregator(f"vector:{NUMEL}")
-        for c in CLIENTS:
-            fed.start_client(c)
-        assert fed.wait("aggregator") == 0, fed.logs()
+    run_to_completion(root, CLIENTS, f"vector:{NUMEL}")
     got = np.load(root / "agg-out" / "global-1.npy", allow_pickle=False)
     want = expected_models(1)[1]
     # DP noise std σC = 1e-3 on the weighted sum, divided by Σ weights ≥ 0.3; plus

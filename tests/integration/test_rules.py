@@ -14,7 +14,7 @@ import pytest
 
 from secure_xfl.training.client_service import RandomTrainer
 from secure_xfl.training.rules import ServerRule, client_weight
-from tests.federation import federation, provision
+from tests.federation import provision, run_to_completion
 
 CLIENTS = ("alpha", "beta", "gamma")
 NUMEL = 400
@@ -53,14 +53,7 @@ def run(tmp: Path, rule: str, lr: float, min_clients: int = 3) -> Path:
         federation={"rounds": 2, "min_clients": min_clients},
         round={"rule": rule, "timeout_s": 60.0, "weight_cap": CAP, "server_lr": lr},
     )
-    with federation(root) as fed:
-        fed.start_keyholder()
-        fed.start_aggregator(f"vector:{NUMEL}")
-        for c in CLIENTS:
-            fed.start_client(c)
-        assert fed.wait("aggregator") == 0, fed.logs()
-        for c in CLIENTS:
-            assert fed.wait(f"client-{c}", timeout=60) == 0, fed.logs()
+    run_to_completion(root, CLIENTS, f"vector:{NUMEL}")
     return root / "agg-out"
 
 

@@ -18,6 +18,7 @@ import datetime as dt
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,7 +54,7 @@ async def _handshake(tls: TlsIdentity, role: str, port: int, kit: Kit) -> str:
         await client.close()
 
 
-def _identity_from_ca(root: Path, role: str, name: str, **issue: dt.datetime) -> TlsIdentity:
+def _identity_from_ca(root: Path, role: str, name: str, **issue: Any) -> TlsIdentity:
     """A certificate the federation's own CA issued (what a provisioner mistake or a
     stolen old kit would give an attacker)."""
     ca = pki.load_certificate(root / "ca" / "ca.pem")

@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from secure_xfl.crypto.context import get_preset
 from secure_xfl.crypto.envelope import EncryptedAggregate, SignedStatement
 from secure_xfl.crypto.errors import DecryptionRefused
-from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy, Release, effective_noise
+from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy, Release
+from secure_xfl.privacy.dp import effective_noise_multiplier as effective_noise
 from tests.conftest import contexts
 from tests.unit.helpers import RUN, make_accumulator, make_update
 
