@@ -1,11 +1,17 @@
-"""Upload goodput: mutually authenticated QUIC (ours) versus asyncio TLS over TCP.
+"""Upload goodput: mutually authenticated QUIC (ours) versus TLS/TCP and plain aioquic.
 
 Both sides use the same federation certificates and mutual authentication; the
 receiver runs in a separate OS process (``spawn``) so sender and receiver do not
 share one interpreter's CPU. Goodput = payload bytes / time from the first byte
 written until the receiver's (tiny) acknowledgement arrives, in MB/s (10^6 B/s).
 
-Run ``python -m secure_xfl.bench.transport [payload_mb]`` for a markdown table.
+Baselines: asyncio TLS 1.3 over TCP (mutual auth), and plain aioquic (its own
+asyncio glue, server-authenticated TLS only, the same datagram size and flow
+control windows, the whole payload handed to ``send_stream_data`` at once), which
+shows what our layer (mTLS hooks, bounded framing, batching) costs or saves.
+
+Run ``python -m secure_xfl.bench.transport [payload_mb [datagram_size ...]]`` for a
+markdown table.
 """
 
 from __future__ import annotations
@@ -19,11 +25,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import serve
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+
 from secure_xfl.bench.report import Row, markdown, row
 from secure_xfl.crypto import pki
 from secure_xfl.transport import RpcClient, RpcServer, TlsIdentity, TransportConfig
 
-__all__ = ["quic_goodput", "run", "tls_tcp_goodput"]
+__all__ = ["plain_quic_goodput", "quic_goodput", "run", "tls_tcp_goodput"]
 
 _FED = "bench"
 _CHUNK = 1 << 20
@@ -76,6 +88,59 @@ def _quic_receiver(directory: str, max_datagram_size: int, ports: Any, stop: Any
         ports.put(await server.start("127.0.0.1", 0))
         await asyncio.get_running_loop().run_in_executor(None, stop.wait)
         await server.close()
+
+    asyncio.run(main())
+
+
+def _plain_quic_configuration(
+    directory: Path, max_datagram_size: int, *, is_client: bool
+) -> QuicConfiguration:
+    window = TransportConfig().flow_control_window_bytes
+    config = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=["bench"],
+        max_datagram_size=max_datagram_size,
+        max_data=window,
+        max_stream_data=window,
+        verify_mode=ssl.CERT_NONE,
+    )
+    if not is_client:
+        config.load_cert_chain(directory / "aggregator.pem", directory / "aggregator.key")
+    return config
+
+
+class _PlainSink(QuicConnectionProtocol):
+    """Plain aioquic receiver: counts stream bytes, answers the count at FIN."""
+
+    received = 0
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            self.received += len(event.data)
+            if event.end_stream:
+                self._quic.send_stream_data(
+                    event.stream_id, self.received.to_bytes(8, "big"), end_stream=True
+                )
+                self.transmit()
+
+
+class _PlainSource(QuicConnectionProtocol):
+    reply: asyncio.Future[bytes] | None = None
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived) and self.reply is not None:
+            if not self.reply.done():
+                self.reply.set_result(event.data)
+
+
+def _plain_quic_receiver(directory: str, max_datagram_size: int, ports: Any, stop: Any) -> None:
+    async def main() -> None:
+        config = _plain_quic_configuration(Path(directory), max_datagram_size, is_client=False)
+        server = await serve("127.0.0.1", 0, configuration=config, create_protocol=_PlainSink)
+        sock = server._transport.get_extra_info("socket")  # type: ignore[union-attr]
+        ports.put(sock.getsockname()[1])
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        server.close()
 
     asyncio.run(main())
 
@@ -146,6 +211,31 @@ def quic_goodput(payload_bytes: int, max_datagram_size: int) -> float:
         return _with_receiver(_quic_receiver, (tmp, max_datagram_size), upload)
 
 
+def plain_quic_goodput(payload_bytes: int, max_datagram_size: int) -> float:
+    """MB/s of one ``payload_bytes`` upload over plain aioquic (no mTLS, no framing)."""
+    payload = bytes(payload_bytes)
+    with tempfile.TemporaryDirectory() as tmp:
+        _provision(Path(tmp))
+
+        async def upload(port: int) -> float:
+            config = _plain_quic_configuration(Path(tmp), max_datagram_size, is_client=True)
+            async with connect(
+                "127.0.0.1", port, configuration=config, create_protocol=_PlainSource
+            ) as client:
+                assert isinstance(client, _PlainSource)
+                client.reply = asyncio.get_running_loop().create_future()
+                start = time.perf_counter()
+                stream_id = client._quic.get_next_available_stream_id()
+                client._quic.send_stream_data(stream_id, payload, end_stream=True)
+                client.transmit()
+                reply = await client.reply
+                elapsed = time.perf_counter() - start
+            assert int.from_bytes(reply, "big") == payload_bytes
+            return payload_bytes / elapsed / 1e6
+
+        return _with_receiver(_plain_quic_receiver, (tmp, max_datagram_size), upload)
+
+
 def tls_tcp_goodput(payload_bytes: int) -> float:
     """MB/s of one ``payload_bytes`` upload over asyncio TLS 1.3 (mutual auth) on TCP."""
     payload = memoryview(bytes(payload_bytes))
@@ -169,20 +259,33 @@ def tls_tcp_goodput(payload_bytes: int) -> float:
         return _with_receiver(_tcp_receiver, (tmp,), upload)
 
 
-def run(payload_mb: int = 100, datagram_sizes: tuple[int, ...] = (1200, 1452, 9000)) -> list[Row]:
-    """One row per datagram size: QUIC goodput vs the TLS/TCP baseline."""
+def run(
+    payload_mb: int = 100,
+    datagram_sizes: tuple[int, ...] = (1200, 1452, 9000, 16384),
+    *,
+    plain: bool = True,
+) -> list[Row]:
+    """Per datagram size: QUIC goodput vs TLS/TCP and (``plain``) vs plain aioquic."""
     payload_bytes = payload_mb * 1_000_000
     baseline = tls_tcp_goodput(payload_bytes)
-    return [
-        row(
-            f"upload goodput, {payload_mb} MB, datagram {size} B [QUIC mTLS vs TLS/TCP]",
-            "MB/s",
-            quic_goodput(payload_bytes, size),
-            baseline,
-        )
-        for size in datagram_sizes
-    ]
+    rows: list[Row] = []
+    for size in datagram_sizes:
+        ours = quic_goodput(payload_bytes, size)
+        name = f"upload goodput, {payload_mb} MB, datagram {size} B"
+        rows.append(row(f"{name} [QUIC mTLS vs TLS/TCP]", "MB/s", ours, baseline))
+        if plain:
+            rows.append(
+                row(
+                    f"{name} [QUIC mTLS vs plain aioquic]",
+                    "MB/s",
+                    ours,
+                    plain_quic_goodput(payload_bytes, size),
+                )
+            )
+    return rows
 
 
 if __name__ == "__main__":
-    print(markdown(run(int(sys.argv[1]) if len(sys.argv) > 1 else 100)))
+    _args = [int(a) for a in sys.argv[1:]]
+    _sizes = tuple(_args[1:]) or (1200, 1452, 9000, 16384)
+    print(markdown(run(_args[0] if _args else 100, _sizes)))

@@ -196,7 +196,8 @@ def _unpack(data: bytes, kind: str) -> list[Any]:
     if not isinstance(obj, list) or len(obj) < 2 or obj[0] != kind:
         raise EnvelopeError(f"not a {kind} envelope")
     if obj[1] != ENVELOPE_VERSION:
-        raise EnvelopeError(f"unsupported {kind} version {obj[1]!r}")
+        shown = repr(obj[1])[:64] if isinstance(obj[1], int | str) else type(obj[1]).__name__
+        raise EnvelopeError(f"unsupported {kind} version {shown}")
     return obj
 
 

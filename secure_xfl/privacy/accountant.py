@@ -41,8 +41,6 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 
 from secure_xfl.errors import PrivacyError
 
@@ -68,7 +66,10 @@ ALPHAS: tuple[float, ...] = (
     1.01,
     1.02,
     1.05,
-    *RDPAccountant.DEFAULT_ALPHAS,
+    # Opacus's RDPAccountant.DEFAULT_ALPHAS, spelled out so importing this module
+    # does not import opacus (seconds of start-up for every service).
+    *(1 + x / 10.0 for x in range(1, 100)),
+    *(float(a) for a in range(12, 64)),
     *(64.0, 80.0, 96.0, 128.0, 160.0, 192.0, 256.0, 384.0, 512.0, 768.0, 1024.0),
 )
 
@@ -123,6 +124,8 @@ def _has_no_noise(history: list[tuple[float, float, int]]) -> bool:
 def _rdp_one_step(sigma: float, q: float) -> tuple[float, ...]:
     # Fractional orders make Opacus's series slow (~0.2 s per (σ, q) pair);
     # audits revisit the same pairs for every prefix and client, so cache.
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     return tuple(
         float(v)
         for v in rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(ALPHAS))
@@ -153,6 +156,8 @@ def rdp_to_epsilon(rdp: npt.NDArray[np.float64], delta: float) -> float:
         # "optimal order is the smallest/largest alpha": our grid is already
         # wide; the bound stays valid, only possibly loose, so stay quiet.
         warnings.simplefilter("ignore", UserWarning)
+        from opacus.accountants.analysis import rdp as rdp_analysis
+
         eps, _ = rdp_analysis.get_privacy_spent(orders=list(ALPHAS), rdp=rdp, delta=d)
     return max(0.0, float(eps))
 
@@ -191,6 +196,8 @@ def _coarsen(history: list[tuple[float, float, int]]) -> list[tuple[float, float
 
 
 def _epsilon_prv(history: list[tuple[float, float, int]], delta: float) -> float:
+    from opacus.accountants import PRVAccountant
+
     hist = _coarsen(_collapse_full_participation(history))
     delta_error = delta / 1000
     total_steps = sum(n for *_, n in hist)

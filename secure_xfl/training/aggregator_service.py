@@ -235,7 +235,9 @@ async def serve_aggregator(
         ready(bound)
     stop = asyncio.Event()
     install_stop_signals(stop)
-    watcher = asyncio.ensure_future(watch_crl(kit, server, stop))
+    watcher = asyncio.ensure_future(
+        watch_crl(kit, server, stop, on_change=service.refresh_enrolment)
+    )
     log.info("aggregator of run %s serving on %s:%d", kit.config.federation.run, host, bound)
     try:
         return await service.run(stop)

@@ -8,6 +8,7 @@ encrypted under the public context and signed with this client's certificate key
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import zlib
@@ -274,4 +275,20 @@ async def serve_client(kit: Kit, *, aggregator: str, trainer: Trainer) -> bool:
     """Run one client until the run ends or SIGTERM."""
     stop = asyncio.Event()
     install_stop_signals(stop)
-    return await ClientService(kit, aggregator=aggregator, trainer=trainer).run(stop)
+    work = asyncio.ensure_future(
+        ClientService(kit, aggregator=aggregator, trainer=trainer).run(stop)
+    )
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not work.done():
+        # SIGTERM: let the current step finish briefly (it checks ``stop``), then cancel,
+        # so a client still connecting or backing off does not linger.
+        done, _ = await asyncio.wait({work}, timeout=10.0)
+        if not done:
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            log.info("stopped by signal")
+            return False
+    stopped.cancel()
+    return work.result()

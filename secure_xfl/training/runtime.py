@@ -9,7 +9,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from secure_xfl.errors import ConfigError, TransportError
@@ -150,8 +150,18 @@ class Peer:
             await client.close()
 
 
-async def watch_crl(kit: Any, server: Any, stop: asyncio.Event, period_s: float = 2.0) -> None:
-    """Until ``stop``: reload the server's CRL whenever the kit's crl.pem changes."""
+async def watch_crl(
+    kit: Any,
+    server: Any,
+    stop: asyncio.Event,
+    period_s: float = 2.0,
+    on_change: Callable[[], None] | None = None,
+) -> None:
+    """Until ``stop``: reload the server's CRL whenever the kit's crl.pem changes.
+
+    ``on_change`` runs after each reload (the aggregator re-reads its enrolment, so a
+    revoked client stops counting and its uploads on a live connection are refused).
+    """
     path = kit.path / "crl.pem"
 
     def mtime() -> float:
@@ -166,6 +176,8 @@ async def watch_crl(kit: Any, server: Any, stop: asyncio.Event, period_s: float 
             if now != seen:
                 seen = now
                 server.reload_crl()  # revocations take effect without a restart
+                if on_change is not None:
+                    on_change()
 
 
 def write_port_file(path: str | None, port: int) -> None:

@@ -12,12 +12,23 @@ from cryptography.hazmat.primitives import serialization
 from secure_xfl.crypto import pki
 from secure_xfl.errors import ConfigError
 
-__all__ = ["ALPN", "TlsIdentity", "TransportConfig"]
+__all__ = ["ALPN", "MAX_DATAGRAM_SIZE", "TlsIdentity", "TransportConfig"]
 
 #: Application protocol negotiated on every secure-xfl connection.
 ALPN = "secure-xfl/1"
 
 _GIB = 1 << 30
+
+#: Largest ``max_datagram_size`` accepted. aioquic 1.7 writes the length of every
+#: STREAM/CRYPTO frame (and of long-header packets) as a fixed 2-byte varint
+#: (``push_uint16(length | 0x4000)``), which holds at most 16383. In a bigger
+#: datagram a frame longer than that is mis-encoded: the peer reads a shorter frame
+#: and parses the rest of the data as frames. Zero bytes parse as PADDING, so the
+#: packet is acknowledged while part of the stream never arrives (the upload
+#: stalls); other bytes abort the connection ("Failed to parse frame"). 16384
+#: leaves room for the packet header, AEAD tag and frame header, so no frame can
+#: exceed 16383 bytes.
+MAX_DATAGRAM_SIZE = 16384
 
 
 @dataclass(frozen=True)
@@ -27,7 +38,8 @@ class TransportConfig:
     max_datagram_size: int = 1452
     """Largest UDP payload sent. 1452 fits a 1500-byte Ethernet MTU with IPv6+UDP
     headers; aioquic's default is the 1200-byte QUIC minimum. Larger values (e.g.
-    9000 on jumbo-frame links or loopback) cut per-packet overhead considerably."""
+    9000 on jumbo-frame links, up to :data:`MAX_DATAGRAM_SIZE` on loopback) cut
+    per-packet overhead considerably."""
     handshake_timeout_s: float = 10.0
     """A connection whose handshake (including certificate checks and the peer's
     confirmation) does not finish within this is abandoned."""
@@ -53,10 +65,17 @@ class TransportConfig:
     waiting for acknowledgements: bounds sender memory for huge payloads."""
     congestion_control: str = "reno"
     """aioquic congestion controller name ("reno" or "cubic")."""
+    socket_buffer_bytes: int = 4 << 20
+    """UDP socket receive/send buffer requested (the kernel caps it at
+    net.core.rmem_max / wmem_max). Larger buffers absorb bursts instead of dropping
+    datagrams, each drop costing a congestion-window cut and a loss recovery."""
 
     def __post_init__(self) -> None:
-        if not 1200 <= self.max_datagram_size <= 65527:
-            raise ConfigError("max_datagram_size must be within [1200, 65527]")
+        if not 1200 <= self.max_datagram_size <= MAX_DATAGRAM_SIZE:
+            raise ConfigError(
+                f"max_datagram_size must be within [1200, {MAX_DATAGRAM_SIZE}]: aioquic "
+                "encodes frame lengths in 2 bytes, so bigger datagrams corrupt streams"
+            )
         for name in ("handshake_timeout_s", "idle_timeout_s", "stream_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
@@ -70,6 +89,8 @@ class TransportConfig:
             raise ConfigError("flow_control_window_bytes must be at least 64 KiB")
         if self.send_buffer_bytes < 64 << 10:
             raise ConfigError("send_buffer_bytes must be at least 64 KiB")
+        if self.socket_buffer_bytes < 0:
+            raise ConfigError("socket_buffer_bytes must not be negative")
         if self.congestion_control not in ("reno", "cubic"):
             raise ConfigError("congestion_control must be 'reno' or 'cubic'")
 

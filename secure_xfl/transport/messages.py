@@ -53,6 +53,14 @@ class ProtocolError(TransportError):
     code = "protocol"
 
 
+def _shown(value: object) -> str:
+    """A hostile value for an error message: scalars only (a deeply nested list's
+    repr would recurse past Python's limit), truncated."""
+    if isinstance(value, int | float | str | bool) or value is None:
+        return repr(value)[:64]
+    return f"<{type(value).__name__}>"
+
+
 def encode(msg_type: str, **fields: Any) -> bytes:
     """Serialise one message."""
     if msg_type not in MESSAGE_TYPES:
@@ -82,7 +90,7 @@ def decode(
     if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
         raise ProtocolError("message must be a map with a string 't'")
     if obj.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {obj.get('v')!r}")
+        raise ProtocolError(f"unsupported protocol version {_shown(obj.get('v'))}")
     if obj["t"] not in MESSAGE_TYPES:
         raise ProtocolError(f"unknown message type {obj['t']!r}")
     if expect is not None and obj["t"] not in expect:

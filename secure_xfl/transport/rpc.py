@@ -13,10 +13,10 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Collection
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import msgpack
-from aioquic.asyncio.server import QuicServer, serve
+from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicErrorCode
@@ -33,6 +33,7 @@ from secure_xfl.transport.errors import (
     TransportError,
 )
 from secure_xfl.transport.streams import ERR_BUSY, ERR_CANCELLED, Inbound, MessageProtocol
+from secure_xfl.transport.udp import TransmitBatch, UdpBatcher
 
 __all__ = ["Handler", "RpcClient", "RpcServer"]
 
@@ -180,6 +181,37 @@ class _ServerProtocol(MessageProtocol):
         await self._send_reply(stream_id, reply)
 
 
+class _BatchingQuicServer(QuicServer):
+    """aioquic's QuicServer (unchanged dispatch) reading all queued datagrams per wake-up.
+
+    Each datagram goes through ``QuicServer.datagram_received`` as usual; the
+    connections' transmits are deferred to the end of the batch (see ``udp``).
+    """
+
+    def __init__(self, *, socket_buffer_bytes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.batch = TransmitBatch()
+        self.udp: UdpBatcher | None = None
+        self._socket_buffer_bytes = socket_buffer_bytes
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.udp = UdpBatcher(
+            cast(asyncio.DatagramTransport, transport),
+            socket_buffer_bytes=self._socket_buffer_bytes,
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.udp is not None:
+            self.udp.close()
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        with self.batch.collecting():
+            super().datagram_received(data, addr)
+            if self.udp is not None:
+                self.udp.drain(super().datagram_received)
+
+
 class RpcServer:
     """mTLS QUIC server: each verified request stream is answered by ``handler``."""
 
@@ -211,6 +243,9 @@ class RpcServer:
     def _create_protocol(self, connection: QuicConnection, **kwargs: Any) -> _ServerProtocol:
         mtls.install_mutual_tls(connection, self._policy)
         protocol = _ServerProtocol(connection, server=self, **kwargs)
+        if isinstance(self._server, _BatchingQuicServer):
+            protocol.batch = self._server.batch
+            protocol.udp = self._server.udp
         self._connections.add(protocol)
         return protocol
 
@@ -219,9 +254,16 @@ class RpcServer:
         if self._server is not None:
             raise TransportError("server already started")
         # No session_ticket_fetcher/handler: resumption would skip client certificates.
-        self._server = await serve(
-            host, port, configuration=self._quic_config, create_protocol=self._create_protocol
+        # aioquic's serve(), with the batching QuicServer subclass.
+        _, server = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _BatchingQuicServer(
+                configuration=self._quic_config,
+                create_protocol=self._create_protocol,
+                socket_buffer_bytes=self.config.socket_buffer_bytes,
+            ),
+            local_addr=(host, port),
         )
+        self._server = server
         sock = self._server._transport.get_extra_info("socket")  # type: ignore[union-attr]
         bound = int(sock.getsockname()[1])
         server_log.info("[%s] listening on %s:%d", self._policy.local, host, bound)
@@ -304,6 +346,8 @@ class RpcClient:
         )
         self._transport, self._protocol = transport, protocol
         protocol.log = client_log
+        protocol.udp = UdpBatcher(transport, socket_buffer_bytes=self.config.socket_buffer_bytes)
+        protocol.owns_socket = True
         try:
             async with asyncio.timeout(self.config.handshake_timeout_s):
                 protocol.connect(addr)
@@ -372,6 +416,8 @@ class RpcClient:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await protocol.wait_closed()
+        if protocol is not None and protocol.udp is not None:
+            protocol.udp.close()
         if self._transport is not None:
             self._transport.close()
             self._transport = None

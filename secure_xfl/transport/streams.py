@@ -36,6 +36,7 @@ from secure_xfl.transport.errors import (
     StreamTimeout,
 )
 from secure_xfl.transport.mtls import peer_identity
+from secure_xfl.transport.udp import Outbox, TransmitBatch, UdpBatcher
 
 __all__ = ["ERR_BUSY", "ERR_CANCELLED", "ERR_TIMEOUT", "ERR_TOO_LARGE", "MessageProtocol"]
 
@@ -77,6 +78,13 @@ class MessageProtocol(QuicConnectionProtocol):
         self._progress_waiters: list[asyncio.Future[None]] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.log = logging.getLogger("secure_xfl.transport.streams")
+        self.udp: UdpBatcher | None = None
+        """Batched/GSO socket access; set by whoever owns the socket (RpcClient/RpcServer)."""
+        self.owns_socket = False
+        """True on a client: this connection alone reads its socket and may drain it."""
+        self.batch = TransmitBatch()
+        """Transmit deferral; a server's connections share the server's."""
+        self._outbox = Outbox()
 
     # -- identity and logging -------------------------------------------------------------
 
@@ -95,8 +103,30 @@ class MessageProtocol(QuicConnectionProtocol):
 
     # -- progress notification ------------------------------------------------------------
 
+    def datagram_received(self, data: bytes | str, addr: object) -> None:
+        # Client side (we own the socket): process everything already queued, then
+        # transmit once. Server-side connections are fed by BatchingQuicServer.
+        with self.batch.collecting():
+            super().datagram_received(data, addr)  # type: ignore[arg-type]
+            if self.owns_socket and self.udp is not None:
+                self.udp.drain(super().datagram_received)  # type: ignore[arg-type]
+
     def transmit(self) -> None:
-        super().transmit()
+        if self.batch.hold(self):
+            return
+        udp = self.udp
+        if udp is None:
+            super().transmit()
+        else:
+            # aioquic's transmit() (packet building, timer re-arm) unchanged; only the
+            # sendto calls are collected and handed to the kernel in GSO bursts.
+            transport, self._transport = self._transport, self._outbox  # type: ignore[assignment]
+            try:
+                super().transmit()
+            finally:
+                self._transport = transport
+                datagrams, self._outbox.datagrams = self._outbox.datagrams, []
+            udp.send(datagrams)
         # transmit() runs after every received datagram and timer: acks have been
         # processed, so wake senders waiting for buffer space.
         if self._progress_waiters:

@@ -264,14 +264,6 @@ def test_real_client_refuses_impostor_aggregators(tmp_path: Path) -> None:
     assert "local issuer" in log or "untrusted" in log, log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "library gap: RpcServer.reload_crl keeps live connections and AggregatorService "
-        "never re-reads enrolment on a CRL change, so a client revoked mid-run still "
-        "uploads on its open connection (and the key holder then refuses the whole round)"
-    ),
-)
 def test_revocation_applies_to_live_connections(tmp_path: Path) -> None:
     """§2 "a … revoked [certificate] is refused": a client revoked while it holds an
     open connection to the running aggregator must not get an update accepted
