@@ -240,8 +240,17 @@ class ClientService:
                 if not buffered or exc.code == "duplicate_update":
                     log.warning("round %d upload not counted: %s", target, exc)
                     return
-            status = await self.peer.call("hello", expect={"welcome"})
-            target = int(status.get("round", target))
+            newer, rounds = target, 0
+            for _ in range(150):  # the closed round may still be decrypting: ≤ 30 s
+                status = await self.peer.call("hello", expect={"welcome"})
+                newer, rounds = int(status.get("round", target)), int(status.get("rounds", 0))
+                if newer > target:
+                    break
+                await asyncio.sleep(0.2)
+            if newer <= target or newer >= rounds:
+                log.warning("round %d closed and no newer round is open; update dropped", target)
+                return
+            target = newer
             if target - p.base_round > max_stale:
                 log.warning("update from round %d too stale; dropped", p.base_round)
                 return
