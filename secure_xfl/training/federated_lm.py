@@ -10,15 +10,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from secure_xfl.training.client_service import TrainResult
-from secure_xfl.training.data import default_documents, load_text, make_blocks, train_eval_split
+from secure_xfl.training.data import (
+    Blocks,
+    default_documents,
+    load_text,
+    make_blocks,
+    train_eval_split,
+)
 from secure_xfl.training.lm import LMConfig, build_model, evaluate, load_trainable, trainable_state
-from secure_xfl.training.lm_trainer import LMTrainer
+from secure_xfl.training.lm_trainer import LMTrainer, client_share
 
 log = logging.getLogger(__name__)
 
@@ -93,37 +98,50 @@ class FederatedLMTrainer:
         self.device = device
         self._inner: LMTrainer | None = None
         self._key: tuple[Any, ...] | None = None
+        self._split: tuple[Blocks, Blocks] | None = None
+
+    def _corpus(self) -> tuple[Blocks, Blocks]:
+        """(train, held-out) blocks of the shared corpus, read and tokenised once."""
+        if self._split is None:
+            spec = self.data
+            docs = (
+                default_documents(spec.max_bytes)
+                if spec.text is None
+                else load_text(spec.text, max_bytes=spec.max_bytes)
+            )
+            self._split = train_eval_split(make_blocks(docs, self.cfg.block_size))
+        return self._split
 
     def _trainer(self, settings: Mapping[str, Any]) -> LMTrainer:
         clients = tuple(sorted(str(c) for c in settings.get("clients") or (self.name,)))
         rates = settings.get("throughputs") or {}
         partition = self.data.partition
-        if partition == "dynamic" and set(rates) >= set(clients):
-            throughputs = {c: float(rates[c]) for c in clients}
-        else:
-            throughputs = None
+        throughputs = (
+            {c: float(rates[c]) for c in clients}
+            if partition == "dynamic" and set(rates) >= set(clients)
+            else None
+        )
         key = (clients, tuple(sorted((throughputs or {}).items())))
-        if self._inner is None or key != self._key:
-            fresh = LMTrainer.from_settings(
-                self.name,
-                clients=clients,
-                partition=partition,  # type: ignore[arg-type]
-                alpha=self.data.alpha,
-                throughputs=throughputs,
-                text=Path(self.data.text)
-                if self.data.text and Path(self.data.text).exists()
-                else self.data.text,
-                max_bytes=self.data.max_bytes,
-                lm=self.cfg,
+        if self._inner is not None and key == self._key:
+            return self._inner
+        train, held = self._corpus()
+        own = client_share(
+            train, self.name, clients, partition, alpha=self.data.alpha, throughputs=throughputs
+        )
+        if self._inner is None:
+            self._inner = LMTrainer(
+                self.cfg,
+                own,
+                held,
+                name=self.name,
                 slow_factor=self.slow_factor,
                 device=self.device,
             )
-            if self._inner is not None:
-                self._inner.set_blocks(fresh.all_blocks)
-                log.info("%s: data share now %d blocks", self.name, len(fresh.all_blocks))
-            else:
-                self._inner = fresh
-            self._key = key
+        else:
+            # Only the share moves; the model and the corpus are built once.
+            self._inner.set_blocks(own)
+            log.info("%s: data share now %d blocks", self.name, len(own))
+        self._key = key
         return self._inner
 
     def train(

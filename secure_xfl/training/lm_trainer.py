@@ -79,6 +79,32 @@ def _dist() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def client_share(
+    train: Blocks,
+    client_name: str,
+    clients: Sequence[str],
+    partition: str,
+    *,
+    alpha: float = 0.5,
+    throughputs: Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> Blocks:
+    """``client_name``'s blocks of ``train`` under a deterministic partition every party
+    computes alike (Dirichlet labels are each block's source document)."""
+    if partition == "fixed":
+        parts = fixed_partition(len(train), clients, seed=seed)
+    elif partition == "dirichlet":
+        parts = dirichlet_partition(train.labels, clients, alpha, seed)
+    elif partition == "dynamic":
+        rates = throughputs or dict.fromkeys(clients, 1.0)
+        parts = dynamic_partition(len(train), rates, seed=seed)
+    else:
+        raise TrainingError(f"unknown partition {partition!r}")
+    if client_name not in parts:
+        raise TrainingError(f"{client_name!r} has no share in the partition")
+    return train.subset(parts[client_name])
+
+
 class LMTrainer:
     """Local causal-LM training for one client (implements the ``Trainer`` protocol)."""
 
@@ -152,18 +178,16 @@ class LMTrainer:
             default_documents(max_bytes) if text is None else load_text(text, max_bytes=max_bytes)
         )
         train, held = train_eval_split(make_blocks(docs, cfg.block_size), eval_fraction)
-        if partition == "fixed":
-            parts = fixed_partition(len(train), clients, seed=partition_seed)
-        elif partition == "dirichlet":
-            parts = dirichlet_partition(train.labels, clients, alpha, partition_seed)
-        elif partition == "dynamic":
-            rates = throughputs or dict.fromkeys(clients, 1.0)
-            parts = dynamic_partition(len(train), rates, seed=partition_seed)
-        else:
-            raise TrainingError(f"unknown partition {partition!r}")
-        if client_name not in parts:
-            raise TrainingError(f"{client_name!r} has no share in the partition")
-        return cls(cfg, train.subset(parts[client_name]), held, name=client_name, **kwargs)
+        own = client_share(
+            train,
+            client_name,
+            clients,
+            partition,
+            alpha=alpha,
+            throughputs=throughputs,
+            seed=partition_seed,
+        )
+        return cls(cfg, own, held, name=client_name, **kwargs)
 
     def set_blocks(self, blocks: Blocks) -> None:
         """Replace this client's training blocks (e.g. after :func:`rebalance`)."""
