@@ -240,7 +240,7 @@ def write_report(
         "audit": report_audit.to_json(),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    _plots(out, rounds)
+    _plots(out, rounds, (outcome.get("initial") or {}).get("loss"))
     lines = [
         "# secure-xfl demo report",
         "",
@@ -278,15 +278,21 @@ def write_report(
     return report
 
 
-def _plots(out: Path, rounds: list[dict[str, Any]]) -> None:
+def _plots(out: Path, rounds: list[dict[str, Any]], initial_loss: float | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     xs = [r["round"] for r in rounds]
+    losses = [r["loss"] for r in rounds]
+    if initial_loss is not None:  # round 0 = the initial model
+        xs_loss, losses = [0, *xs], [initial_loss, *losses]
+    else:
+        xs_loss = xs
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(xs, [r["loss"] for r in rounds], marker="o")
+    ax.plot(xs_loss, losses, marker="o")
+    ax.set_xticks(xs_loss)
     ax.set(xlabel="round", ylabel="held-out loss", title="Global model loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -295,6 +301,7 @@ def _plots(out: Path, rounds: list[dict[str, Any]]) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.bar([x - 0.2 for x in xs], [r["bytes_up"] / 1e6 for r in rounds], 0.4, label="up")
     ax.bar([x + 0.2 for x in xs], [r["bytes_down"] / 1e6 for r in rounds], 0.4, label="down")
+    ax.set_xticks(xs)
     ax.set(xlabel="round", ylabel="MB", title="Bytes on the wire per round")
     ax.legend()
     fig.tight_layout()
