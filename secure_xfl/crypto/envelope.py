@@ -20,6 +20,7 @@ import msgpack
 
 from secure_xfl.crypto.errors import EnvelopeError
 from secure_xfl.crypto.packing import QuantSpec
+from secure_xfl.wire import bounded_unpack
 
 ENVELOPE_VERSION = 1
 #: Domain separation tag for the signed statement.
@@ -180,19 +181,15 @@ class SignedStatement:
 def _unpack(data: bytes, kind: str) -> list[Any]:
     if not isinstance(data, bytes | bytearray | memoryview) or len(data) > MAX_ENVELOPE_BYTES:
         raise EnvelopeError(f"{kind} must be bytes of at most {MAX_ENVELOPE_BYTES}")
-    try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=MAX_CHUNK_BYTES,
-            max_str_len=4096,
-            max_array_len=max(MAX_CHUNKS, MAX_MANIFEST_ENTRIES),
-            max_map_len=64,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise EnvelopeError(f"malformed {kind}: {type(exc).__name__}: {exc}"[:300]) from None
+    obj = bounded_unpack(
+        data,
+        error=EnvelopeError,
+        what=kind,
+        max_bin_len=MAX_CHUNK_BYTES,
+        max_str_len=4096,
+        max_array_len=max(MAX_CHUNKS, MAX_MANIFEST_ENTRIES),
+        max_map_len=64,
+    )
     if not isinstance(obj, list) or len(obj) < 2 or obj[0] != kind:
         raise EnvelopeError(f"not a {kind} envelope")
     if obj[1] != ENVELOPE_VERSION:

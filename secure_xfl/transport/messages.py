@@ -16,6 +16,7 @@ import msgpack
 import numpy as np
 
 from secure_xfl.errors import TransportError
+from secure_xfl.wire import bounded_unpack
 
 PROTOCOL_VERSION = 1
 
@@ -74,19 +75,15 @@ def decode(
     """Parse and check the envelope of one message (type, version, size)."""
     if len(data) > max_bytes:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {max_bytes}")
-    try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=max_bytes,
-            max_str_len=MAX_STR,
-            max_array_len=MAX_ARRAY,
-            max_map_len=max(MAX_MAP, MAX_TENSORS),
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"malformed message: {type(exc).__name__}") from None
+    obj = bounded_unpack(
+        data,
+        error=ProtocolError,
+        what="message",
+        max_bin_len=max_bytes,
+        max_str_len=MAX_STR,
+        max_array_len=MAX_ARRAY,
+        max_map_len=max(MAX_MAP, MAX_TENSORS),
+    )
     if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
         raise ProtocolError("message must be a map with a string 't'")
     if obj.get("v") != PROTOCOL_VERSION:
