@@ -94,6 +94,28 @@ def _cmd_aggregator(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _init_torchrun() -> bool:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def _rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return dist.get_rank() == 0
+
+
 def _cmd_client(args: argparse.Namespace) -> int:
     from secure_xfl.kit import Kit
     from secure_xfl.training.client_service import RandomTrainer, serve_client
@@ -101,19 +123,28 @@ def _cmd_client(args: argparse.Namespace) -> int:
     kit = Kit.load(Path(args.kit), role="client")
     name = kit.config.party.name
     trainer: Any
-    if args.trainer == "lm":
-        from secure_xfl.training.federated_lm import FederatedLMTrainer
+    from secure_xfl.training.federated_lm import FederatedLMTrainer
 
-        trainer = FederatedLMTrainer(
+    if args.trainer == "lm":
+        distributed = _init_torchrun()
+        lm = FederatedLMTrainer(
             name, data=_data_spec(args), slow_factor=args.slow, device=args.device
         )
+        if distributed and not _rank_zero():
+            lm.follow()  # only rank 0 talks to the aggregator
+            return 0
+        trainer = lm
     else:
         trainer = RandomTrainer(name, seed=args.seed, delay_s=args.delay)
-    ok = asyncio.run(
-        serve_client(
-            kit, aggregator=args.aggregator or kit.config.endpoints.aggregator, trainer=trainer
+    try:
+        ok = asyncio.run(
+            serve_client(
+                kit, aggregator=args.aggregator or kit.config.endpoints.aggregator, trainer=trainer
+            )
         )
-    )
+    finally:
+        if isinstance(trainer, FederatedLMTrainer):
+            trainer.close()  # releases torchrun followers
     return 0 if ok else 1
 
 

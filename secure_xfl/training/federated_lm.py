@@ -73,6 +73,18 @@ class LMEvaluator:
         return evaluate(self.model, self.blocks)
 
 
+def _leader() -> bool:
+    """Rank 0 of a torchrun job with more than one process."""
+    import torch.distributed as dist
+
+    return (
+        dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+        and dist.get_rank() == 0
+    )
+
+
 class FederatedLMTrainer:
     """A client trainer whose data share follows the aggregator's announcements.
 
@@ -147,4 +159,34 @@ class FederatedLMTrainer:
     def train(
         self, model: dict[str, np.ndarray], round: int, settings: Mapping[str, Any]
     ) -> TrainResult:
-        return self._trainer(settings).train(model, round, settings)
+        if _leader():
+            # Followers must hear the round before anyone builds a DDP model: its
+            # constructor is itself a collective.
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([(model, round, dict(settings))], src=0)
+        return self._trainer(settings)._train(model, round, settings)
+
+    def follow(self) -> None:
+        """torchrun ranks other than 0: train each round rank 0 broadcasts, until released.
+
+        The broadcast (torch.distributed, inside one client's node) carries the global
+        model and settings rank 0 received; every rank derives the same data share
+        and trains its slice of it under DDP.
+        """
+        import torch.distributed as dist
+
+        while True:
+            box: list[Any] = [None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is None:
+                return
+            model, rnd, settings = box[0]
+            self._trainer(settings)._train(model, rnd, settings)
+
+    def close(self) -> None:
+        """Rank 0: release the followers (no-op outside torchrun)."""
+        if _leader():
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([None], src=0)
