@@ -12,22 +12,17 @@ from secure_xfl.errors import CryptoError
 from secure_xfl.transport import (
     RemoteError,
     RpcClient,
-    RpcServer,
     StreamReset,
-    TlsIdentity,
     TransportConfig,
 )
 from secure_xfl.transport.streams import ERR_TIMEOUT
+from tests.rpc_harness import Harness
 
 pytestmark = pytest.mark.timeout(60)
 FED = "fed-rpc"
 CONFIG = TransportConfig(handshake_timeout_s=3, idle_timeout_s=10, stream_timeout_s=5)
-CA, CA_KEY = pki.create_ca(FED)
-
-
-def identity(role: str, name: str) -> TlsIdentity:
-    cert, key = pki.issue_certificate(CA, CA_KEY, pki.PeerIdentity(FED, role, name))
-    return TlsIdentity(cert=cert, key=key, ca_cert=CA, federation=FED)
+HARNESS = Harness(FED)
+identity = HARNESS.identity
 
 
 class Refused(CryptoError):
@@ -50,31 +45,7 @@ def serve(
     config: TransportConfig = CONFIG,
     max_message_bytes: int | None = None,
 ) -> None:
-    async def main() -> None:
-        server = RpcServer(
-            tls=identity("aggregator", "agg"),
-            allowed_roles=["client"],
-            handler=handler,
-            config=config,
-            max_message_bytes=max_message_bytes,
-        )
-        port = await server.start("127.0.0.1", 0)
-
-        def client() -> RpcClient:
-            return RpcClient(
-                tls=identity("client", "c1"),
-                server_role="aggregator",
-                host="127.0.0.1",
-                port=port,
-                config=config,
-            )
-
-        try:
-            await body(port, client)
-        finally:
-            await server.close()
-
-    asyncio.run(main())
+    HARNESS.serve(handler, body, config=config, max_message_bytes=max_message_bytes)
 
 
 def test_echo_round_trip_and_5mb_payload() -> None:

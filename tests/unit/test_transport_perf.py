@@ -12,21 +12,17 @@ import pytest
 
 from secure_xfl.crypto import pki
 from secure_xfl.errors import ConfigError
-from secure_xfl.transport import RpcClient, RpcServer, TlsIdentity, TransportConfig
+from secure_xfl.transport import RpcClient, TransportConfig
 from secure_xfl.transport import udp as udp_module
 from secure_xfl.transport.config import MAX_DATAGRAM_SIZE
+from tests.rpc_harness import Harness
 
 pytestmark = pytest.mark.timeout(120)
 FED = "fed-perf"
-CA, CA_KEY = pki.create_ca(FED)
+HARNESS = Harness(FED)
 #: Generous wall-clock bound for a few MB on a loaded 2-core machine (the stall this
 #: guards against made no progress at all until the 60 s stream timeout).
 BOUND_S = 30.0
-
-
-def identity(role: str, name: str) -> TlsIdentity:
-    cert, key = pki.issue_certificate(CA, CA_KEY, pki.PeerIdentity(FED, role, name))
-    return TlsIdentity(cert=cert, key=key, ca_cert=CA, federation=FED)
 
 
 async def digest(_peer: pki.PeerIdentity, payload: bytes) -> bytes:
@@ -36,30 +32,10 @@ async def digest(_peer: pki.PeerIdentity, payload: bytes) -> bytes:
 def serve(
     config: TransportConfig, body: Callable[[Callable[[], RpcClient]], Awaitable[None]]
 ) -> None:
-    async def main() -> None:
-        server = RpcServer(
-            tls=identity("aggregator", "agg"),
-            allowed_roles=["client"],
-            handler=digest,
-            config=config,
-        )
-        port = await server.start("127.0.0.1", 0)
+    async def with_client(_port: int, client: Callable[[], RpcClient]) -> None:
+        await body(client)
 
-        def client() -> RpcClient:
-            return RpcClient(
-                tls=identity("client", "c1"),
-                server_role="aggregator",
-                host="127.0.0.1",
-                port=port,
-                config=config,
-            )
-
-        try:
-            await body(client)
-        finally:
-            await server.close()
-
-    asyncio.run(main())
+    HARNESS.serve(digest, with_client, config=config)
 
 
 async def upload(client: RpcClient, payload: bytes) -> None:
