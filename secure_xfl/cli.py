@@ -57,8 +57,8 @@ def _cmd_provision(args: argparse.Namespace) -> int:
 
 def _cmd_keyholder(args: argparse.Namespace) -> int:
     from secure_xfl.kit import Kit
-    from secure_xfl.training.keyholder_service import serve_keyholder
-    from secure_xfl.training.runtime import write_port_file
+    from secure_xfl.services.keyholder import serve_keyholder
+    from secure_xfl.services.runtime import write_port_file
 
     kit = Kit.load(Path(args.kit), role="keyholder")
     listen = args.listen or kit.config.endpoints.keyholder
@@ -76,8 +76,8 @@ def _evaluator(args: argparse.Namespace) -> Any:
 
 def _cmd_aggregator(args: argparse.Namespace) -> int:
     from secure_xfl.kit import Kit
-    from secure_xfl.training.aggregator_service import serve_aggregator
-    from secure_xfl.training.runtime import write_port_file
+    from secure_xfl.services.aggregator import serve_aggregator
+    from secure_xfl.services.runtime import write_port_file
 
     kit = Kit.load(Path(args.kit), role="aggregator")
     ok = asyncio.run(
@@ -118,7 +118,8 @@ def _rank_zero() -> bool:
 
 def _cmd_client(args: argparse.Namespace) -> int:
     from secure_xfl.kit import Kit
-    from secure_xfl.training.client_service import RandomTrainer, serve_client
+    from secure_xfl.services.client import serve_client
+    from secure_xfl.training.trainer import RandomTrainer
 
     kit = Kit.load(Path(args.kit), role="client")
     name = kit.config.party.name
@@ -149,7 +150,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from secure_xfl.demo import DemoConfig, run_demo
+    from secure_xfl.experiments.demo import DemoConfig, run_demo
 
     slow = {}
     for item in args.slow or []:
@@ -175,7 +176,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    from secure_xfl.experiment import ExperimentConfig, run_experiment
+    from secure_xfl.experiments.paper import ExperimentConfig, run_experiment
 
     cfg = ExperimentConfig(rounds=args.rounds, local_steps=args.local_steps, out=Path(args.out))
     print(run_experiment(cfg))
@@ -306,13 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # audit and bench own their whole argument list (including --help).
     if argv and argv[0] in ("audit", "bench"):
-        from secure_xfl.training.runtime import setup_logging
+        from secure_xfl.services.runtime import setup_logging
 
         setup_logging(argv[0], level="WARNING")
         ns = argparse.Namespace(rest=argv[1:])
         return _cmd_audit(ns) if argv[0] == "audit" else _cmd_bench(ns)
     args = build_parser().parse_args(argv)
-    from secure_xfl.training.runtime import setup_logging
+    from secure_xfl.services.runtime import setup_logging
 
     setup_logging(args.command, level=args.log_level, as_json=args.log_json)
     try:

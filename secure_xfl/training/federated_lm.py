@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from secure_xfl.training.client_service import TrainResult
 from secure_xfl.training.data import (
     Blocks,
     default_documents,
@@ -24,6 +23,7 @@ from secure_xfl.training.data import (
 )
 from secure_xfl.training.lm import LMConfig, build_model, evaluate, load_trainable, trainable_state
 from secure_xfl.training.lm_trainer import LMTrainer, client_share
+from secure_xfl.training.trainer import TrainResult
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The language-model :class:`~secure_xfl.training.client_service.Trainer`.
+"""The language-model :class:`~secure_xfl.training.trainer.Trainer`.
 
 :class:`LMTrainer` holds one client's model (built once from an
 :class:`~secure_xfl.training.lm.LMConfig`, identical on every party) and its
@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from secure_xfl.errors import TrainingError
-from secure_xfl.training.client_service import TrainResult
 from secure_xfl.training.data import (
     Blocks,
     default_documents,
@@ -50,6 +49,7 @@ from secure_xfl.training.lm import (
     trainable_state,
     unwrap,
 )
+from secure_xfl.training.trainer import TrainResult
 
 __all__ = ["LMTrainer", "SettingsError"]
 

@@ -21,8 +21,8 @@ from secure_xfl.crypto.context import get_preset
 from secure_xfl.crypto.protect import protect_vector
 from secure_xfl.errors import TransportError
 from secure_xfl.kit import Kit
-from secure_xfl.training.client_service import RandomTrainer
-from secure_xfl.transport import messages
+from secure_xfl.protocol import messages
+from secure_xfl.training.trainer import RandomTrainer
 from secure_xfl.transport.errors import RemoteError
 from secure_xfl.transport.rpc import RpcClient
 from tests.federation import federation, provision

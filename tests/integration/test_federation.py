@@ -9,7 +9,7 @@ import pytest
 
 from secure_xfl.crypto.context import get_preset, load_context
 from secure_xfl.errors import SecureXFLError
-from secure_xfl.training.client_service import RandomTrainer
+from secure_xfl.training.trainer import RandomTrainer
 from tests.federation import provision, run_to_completion
 
 CLIENTS = ("alpha", "beta", "gamma")

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from secure_xfl.training.client_service import RandomTrainer
-from secure_xfl.training.rules import ServerRule, client_weight
+from secure_xfl.protocol.rules import ServerRule, client_weight
+from secure_xfl.training.trainer import RandomTrainer
 from tests.federation import provision, run_to_completion
 
 CLIENTS = ("alpha", "beta", "gamma")

@@ -26,7 +26,7 @@ from secure_xfl.crypto.envelope import EncryptedAggregate, ProtectedUpdate
 from secure_xfl.crypto.protect import protect_vector
 from secure_xfl.errors import TransportError
 from secure_xfl.kit import Kit
-from secure_xfl.training.client_service import RandomTrainer
+from secure_xfl.training.trainer import RandomTrainer
 from secure_xfl.transport.errors import RemoteError
 from secure_xfl.transport.rpc import RpcClient
 from tests.federation import provision

@@ -21,8 +21,8 @@ import pytest
 from secure_xfl.crypto import pki
 from secure_xfl.kit import Kit
 from secure_xfl.privacy.ledger import read_ledger
-from secure_xfl.training.client_service import RandomTrainer
-from secure_xfl.training.keyholder_service import LEDGER_FILE
+from secure_xfl.services.keyholder import LEDGER_FILE
+from secure_xfl.training.trainer import RandomTrainer
 from tests.federation import federation
 from tests.security import live
 

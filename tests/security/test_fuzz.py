@@ -26,7 +26,7 @@ import pytest
 
 from secure_xfl.crypto.envelope import EncryptedAggregate, ProtectedUpdate
 from secure_xfl.kit import Kit
-from secure_xfl.transport import messages
+from secure_xfl.protocol import messages
 from tests.federation import Federation, federation
 from tests.security import fuzzing, live
 

@@ -32,8 +32,8 @@ from secure_xfl.crypto.envelope import (
 )
 from secure_xfl.kit import Kit
 from secure_xfl.privacy.ledger import read_ledger
-from secure_xfl.training.keyholder_service import LEDGER_FILE
-from secure_xfl.transport import messages
+from secure_xfl.protocol import messages
+from secure_xfl.services.keyholder import LEDGER_FILE
 from tests.federation import CLI, Federation, federation
 from tests.security import live
 

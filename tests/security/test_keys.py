@@ -27,8 +27,8 @@ import tenseal.sealapi as sealapi
 from secure_xfl.crypto.context import load_context
 from secure_xfl.errors import ConfigError, SecureXFLError
 from secure_xfl.kit import PUBLIC_CTX, SECRET_CTX, Kit
-from secure_xfl.training.aggregator_service import AggregatorService
-from secure_xfl.transport import messages
+from secure_xfl.protocol import messages
+from secure_xfl.services.aggregator import AggregatorService
 from tests.federation import federation
 from tests.security import live
 

@@ -14,7 +14,7 @@ import pytest
 
 from secure_xfl.crypto.envelope import EncryptedAggregate, ProtectedUpdate
 from secure_xfl.errors import SecureXFLError
-from secure_xfl.transport import messages
+from secure_xfl.protocol import messages
 
 #: Deeper than Python's recursion limit (1000), within msgpack's unpacker stack (1024).
 DEPTH = 1020

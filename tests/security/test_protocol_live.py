@@ -22,7 +22,7 @@ import pytest
 
 from secure_xfl.crypto.envelope import ProtectedUpdate, SignedStatement, ciphertext_digest
 from secure_xfl.kit import Kit
-from secure_xfl.transport import messages
+from secure_xfl.protocol import messages
 from secure_xfl.transport.errors import StreamReset, TransportError
 from secure_xfl.transport.rpc import RpcClient
 from secure_xfl.transport.streams import ERR_TIMEOUT

@@ -15,13 +15,13 @@ from secure_xfl.crypto.context import get_preset
 from secure_xfl.crypto.errors import DuplicateUpdate
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy
 from secure_xfl.crypto.protect import protect_vector
-from secure_xfl.training.coordinator import (
+from secure_xfl.protocol.coordinator import (
     Coordinator,
     CoordinatorSettings,
     NotEnrolled,
     RoundClosed,
 )
-from secure_xfl.training.rules import ServerRule
+from secure_xfl.protocol.rules import ServerRule
 from tests.conftest import contexts
 
 KEYS = {n: ec.generate_private_key(ec.SECP256R1()) for n in ("a", "b", "c")}

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from secure_xfl.training.client_service import TrainResult
 from secure_xfl.training.data import Blocks, default_documents, make_blocks, train_eval_split
 from secure_xfl.training.dp_sgd import DPSGDError
 from secure_xfl.training.lm import (
@@ -24,6 +23,7 @@ from secure_xfl.training.lm import (
     trainable_state,
 )
 from secure_xfl.training.lm_trainer import LMTrainer, SettingsError
+from secure_xfl.training.trainer import TrainResult
 
 CFG = LMConfig()
 SETTINGS: dict[str, Any] = {"rule": "fedavg", "local_steps": 4, "local_lr": 3e-3, "batch_size": 8}

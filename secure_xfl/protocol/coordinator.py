@@ -25,7 +25,7 @@ from secure_xfl.crypto.envelope import ProtectedUpdate
 from secure_xfl.crypto.packing import QuantSpec
 from secure_xfl.errors import SecureXFLError, TrainingError
 from secure_xfl.privacy.dp import DPConfig
-from secure_xfl.training.rules import ServerRule
+from secure_xfl.protocol.rules import ServerRule
 
 log = logging.getLogger(__name__)
 

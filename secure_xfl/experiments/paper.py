@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from secure_xfl.demo import DemoConfig, run_federation
+from secure_xfl.experiments.demo import DemoConfig, run_federation
 
 RULES = ("fedavg", "dynamic", "gradient")
 PARTITIONS = ("fixed", "dynamic")

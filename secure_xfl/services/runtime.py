@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from secure_xfl.errors import ConfigError, TransportError
-from secure_xfl.transport import messages
+from secure_xfl.protocol import messages
 from secure_xfl.transport.config import TlsIdentity, TransportConfig
 from secure_xfl.transport.errors import RemoteError
 from secure_xfl.transport.rpc import RpcClient

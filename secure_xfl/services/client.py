@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -26,85 +24,13 @@ from secure_xfl.crypto.protect import protect_vector
 from secure_xfl.errors import TrainingError
 from secure_xfl.kit import Kit
 from secure_xfl.privacy.dp import DPConfig
-from secure_xfl.training.rules import client_weight
-from secure_xfl.training.runtime import Peer, install_stop_signals
-from secure_xfl.transport import messages
+from secure_xfl.protocol import messages
+from secure_xfl.protocol.rules import client_weight
+from secure_xfl.services.runtime import Peer, install_stop_signals
+from secure_xfl.training.trainer import Trainer
 from secure_xfl.transport.errors import RemoteError
 
 log = logging.getLogger("secure_xfl.client")
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What local training hands back."""
-
-    update: dict[str, np.ndarray]
-    """Change of each trainable tensor (or its gradient for gradient aggregation)."""
-    num_samples: int
-    """Training examples used (FedAvg weight)."""
-    loss: float | None = None
-    """Mean training loss (dynamic weighting)."""
-    metrics: Mapping[str, float] | None = None
-    """Anything else worth logging."""
-
-
-class Trainer(Protocol):
-    """Local training for one round."""
-
-    def train(
-        self, model: dict[str, np.ndarray], round: int, settings: Mapping[str, Any]
-    ) -> TrainResult:
-        """Train from the global ``model``; return the update."""
-        ...
-
-
-class RandomTrainer:
-    """Deterministic pseudo-random updates, for integration tests and transport checks.
-
-    Client c's update in round r is N(0, scale²) drawn from a generator seeded by
-    (seed, crc32(c), r), so a test can recompute every expected aggregate.
-    """
-
-    def __init__(
-        self, client: str, *, seed: int = 0, scale: float = 0.01, delay_s: float = 0.0
-    ) -> None:
-        self.client = client
-        self.seed = seed
-        self.scale = scale
-        self.delay_s = delay_s  # simulated slow cloud
-
-    @staticmethod
-    def samples_for(client: str) -> int:
-        """Fixed, distinct per-client sample counts (so FedAvg weights differ)."""
-        return 100 + zlib.crc32(client.encode()) % 900
-
-    @staticmethod
-    def update_for(
-        client: str, round: int, model: Mapping[str, np.ndarray], seed: int = 0, scale: float = 0.01
-    ) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([seed, zlib.crc32(client.encode()), round])
-        return {
-            k: rng.normal(scale=scale, size=v.shape).astype(np.float32)
-            for k, v in sorted(model.items())
-        }
-
-    @staticmethod
-    def loss_for(client: str) -> float:
-        """A fixed, distinct per-client reported loss in [1, 2) (dynamic weighting)."""
-        return 1.0 + (zlib.crc32(client.encode()) % 100) / 100
-
-    def train(
-        self, model: dict[str, np.ndarray], round: int, settings: Mapping[str, Any]
-    ) -> TrainResult:
-        start = time.monotonic()
-        time.sleep(self.delay_s)
-        n = self.samples_for(self.client)
-        return TrainResult(
-            update=self.update_for(self.client, round, model, self.seed, self.scale),
-            num_samples=n,
-            loss=self.loss_for(self.client),
-            metrics={"throughput": n / max(time.monotonic() - start, 1e-3)},
-        )
 
 
 def staleness_weight(staleness: int, exponent: float = 0.5) -> float:

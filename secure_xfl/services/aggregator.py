@@ -22,10 +22,10 @@ from secure_xfl.crypto.context import check_context_matches, get_preset
 from secure_xfl.crypto.pki import PeerIdentity
 from secure_xfl.errors import SecureXFLError
 from secure_xfl.kit import Kit
-from secure_xfl.training.coordinator import Coordinator, CoordinatorSettings, DecryptRequest
-from secure_xfl.training.rules import ServerRule
-from secure_xfl.training.runtime import Peer, install_stop_signals, parse_address, watch_crl
-from secure_xfl.transport import messages
+from secure_xfl.protocol import messages
+from secure_xfl.protocol.coordinator import Coordinator, CoordinatorSettings, DecryptRequest
+from secure_xfl.protocol.rules import ServerRule
+from secure_xfl.services.runtime import Peer, install_stop_signals, parse_address, watch_crl
 from secure_xfl.transport.errors import RemoteError
 from secure_xfl.transport.rpc import RpcServer
 

@@ -16,7 +16,7 @@ This module runs the same attack on what each party of secure-xfl actually holds
 
 :func:`guess_baseline` gives what blind guessing from the data prior scores, so a
 reconstruction can be judged against "no information at all".
-Canary exposure (the Secret Sharer) is in :mod:`secure_xfl.privacy.canary`.
+Canary exposure (the Secret Sharer) is in :mod:`secure_xfl.experiments.canary`.
 """
 
 from __future__ import annotations

@@ -37,17 +37,12 @@ published out of band (e.g. in the run's signed round announcements).
 
 from __future__ import annotations
 
-import copy
-import fcntl
 import hashlib
 import itertools
 import json
 import math
 import os
-import stat
-from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -56,7 +51,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from secure_xfl.errors import PrivacyError
-from secure_xfl.privacy.accountant import epsilon as account_epsilon
 
 __all__ = [
     "GENESIS_PREV",
@@ -65,11 +59,10 @@ __all__ = [
     "MAX_LINE_BYTES",
     "LedgerError",
     "LedgerInvalid",
-    "PrivacyLedger",
     "canonical_bytes",
     "entry_hash",
     "load_verify_key",
-    "read_ledger",
+    "validate_entry",
 ]
 
 LEDGER_TYPE = "secure-xfl/privacy-ledger/v1"
@@ -308,307 +301,3 @@ def validate_entry(obj: Any, line_no: int = 0) -> dict[str, Any]:
         raise _fail("prev must be a SHA-256 hex digest", line_no)
     _hex(obj["sig"], "sig", line_no, _MAX_SIG_HEX)
     return obj
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name}")
-
-
-def _parse(data: bytes, key: VerifyKey) -> tuple[list[dict[str, Any]], str]:
-    """Verify a whole ledger image; returns its entries and head hash."""
-    if len(data) > MAX_FILE_BYTES:
-        raise _fail(f"ledger exceeds {MAX_FILE_BYTES} bytes", 0)
-    if not data:
-        return [], GENESIS_PREV
-    if not data.endswith(b"\n"):
-        raise _fail("last line is incomplete (torn write or truncation)", data.count(b"\n") + 1)
-    entries: list[dict[str, Any]] = []
-    head = GENESIS_PREV
-    for index, line in enumerate(data[:-1].split(b"\n")):
-        line_no = index + 1
-        if len(line) > MAX_LINE_BYTES:
-            raise _fail(f"line exceeds {MAX_LINE_BYTES} bytes", line_no)
-        try:
-            obj = json.loads(
-                line.decode("ascii"),
-                object_pairs_hook=_no_duplicates,
-                parse_constant=_reject_constant,
-            )
-        except (ValueError, RecursionError) as exc:
-            raise _fail(f"not valid JSON: {exc}", line_no) from exc
-        validate_entry(obj, line_no)
-        if canonical_bytes(obj) != line:
-            raise _fail("line is not in canonical form (edited?)", line_no)
-        if obj["seq"] != index:
-            raise _fail(f"seq is {obj['seq']}, expected {index} (reordered or deleted?)", line_no)
-        if obj["prev"] != head:
-            raise _fail("hash chain broken (line edited, reordered or deleted)", line_no)
-        unsigned = {k: v for k, v in obj.items() if k != "sig"}
-        if not _verify(key, canonical_bytes(unsigned), obj["sig"]):
-            raise _fail("signature does not verify", line_no)
-        entries.append(obj)
-        head = entry_hash(line)
-    return entries, head
-
-
-def _read_bounded(fd: int) -> bytes:
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        raise _fail("ledger is not a regular file", 0)
-    if info.st_size > MAX_FILE_BYTES:
-        raise _fail(f"ledger exceeds {MAX_FILE_BYTES} bytes", 0)
-    chunks: list[bytes] = []
-    offset = 0
-    while offset <= MAX_FILE_BYTES:
-        chunk = os.pread(fd, min(1 << 20, MAX_FILE_BYTES + 1 - offset), offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
-
-
-def read_ledger(
-    path: str | os.PathLike[str],
-    public_key_or_cert: Any,
-    *,
-    expected_entries: int | None = None,
-    expected_head: str | None = None,
-) -> list[dict[str, Any]]:
-    """Read and verify a whole ledger; raise :class:`LedgerInvalid` on any defect.
-
-    ``expected_entries`` / ``expected_head`` (the hex hash of the last line, see
-    :attr:`PrivacyLedger.head`) detect truncation at the end, which the chain
-    alone cannot.
-    """
-    key = load_verify_key(public_key_or_cert)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise _fail(f"cannot open ledger: {exc}", 0) from exc
-    try:
-        data = _read_bounded(fd)
-    except OSError as exc:
-        raise _fail(f"cannot read ledger: {exc}", 0) from exc
-    finally:
-        os.close(fd)
-    entries, head = _parse(data, key)
-    if expected_entries is not None and len(entries) != expected_entries:
-        raise _fail(f"expected {expected_entries} entries, found {len(entries)}", 0)
-    if expected_head is not None and head != expected_head.lower():
-        raise _fail("head hash differs from the expected one (truncated or replaced?)", 0)
-    return entries
-
-
-# ------------------------------------------------------------------------- writer
-
-
-def _now_utc() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-class PrivacyLedger:
-    """Append-only ledger owned by the key holder process.
-
-    Opening verifies the existing file with the signing key's public half and
-    refuses a broken one (including a torn last line left by a crash: an
-    operator must look at it, since silently dropping it could hide a
-    release). The file is created with mode 0600, locked exclusively
-    (``flock``) while open, and fsynced after every append. A (run, round)
-    can be recorded only once, mirroring the key holder's decrypt-once rule.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], signing_key: SigningKey) -> None:
-        if isinstance(signing_key, ec.EllipticCurvePrivateKey):
-            _check_curve(signing_key)
-        elif not isinstance(signing_key, ed25519.Ed25519PrivateKey):
-            raise LedgerError("signing key must be Ed25519 or ECDSA P-256")
-        self.path = Path(path)
-        self._key = signing_key
-        self._fd = self._open()
-        try:
-            self._entries, self._head = _parse(_read_bounded(self._fd), signing_key.public_key())
-            self._size = os.fstat(self._fd).st_size
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._rounds = {(e["run"], e["round"]) for e in self._entries}
-        self._broken = False
-
-    def _open(self) -> int:
-        flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-            created = True
-        except FileExistsError:
-            try:
-                fd = os.open(self.path, flags)
-            except OSError as exc:
-                raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
-            created = False
-        except OSError as exc:
-            raise LedgerError(f"cannot create ledger {self.path}: {exc}") from exc
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise LedgerError(f"{self.path} is not a regular file")
-            if info.st_mode & 0o022:
-                # Anyone else able to write could rewrite history undetectably
-                # up to the last signature the auditor has seen.
-                raise LedgerError(f"{self.path} is writable by group or others")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise LedgerError(f"{self.path} is in use by another process") from exc
-            if created:
-                dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    # -- lifecycle
-
-    def close(self) -> None:
-        """Release the lock and the file descriptor (idempotent)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> PrivacyLedger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- queries
-
-    @property
-    def head(self) -> str:
-        """Hex hash of the last line (:data:`GENESIS_PREV` when empty): publish
-        it out of band to make truncation at the end detectable."""
-        return self._head
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def history(self, run: str | None = None) -> list[dict[str, Any]]:
-        """Copies of all entries, or of one run's, in file order."""
-        return [copy.deepcopy(e) for e in self._entries if run is None or e["run"] == run]
-
-    def _run_history(self, run: str) -> list[tuple[float, float, int]]:
-        return [
-            (e["noise_multiplier"], e["sample_rate"], 1) for e in self._entries if e["run"] == run
-        ]
-
-    def spent(self, run: str, delta: float) -> float:
-        """ε spent by ``run`` so far at ``delta``, recomputed with RDP."""
-        return account_epsilon(self._run_history(run), delta, "rdp")
-
-    def would_spend(
-        self, run: str, *, noise_multiplier: float, sample_rate: float, delta: float
-    ) -> float:
-        """ε of ``run`` if one more round with these parameters were released."""
-        extra = (float(noise_multiplier), float(sample_rate), 1)
-        return account_epsilon([*self._run_history(run), extra], delta, "rdp")
-
-    # -- append
-
-    def append(
-        self,
-        *,
-        run: str,
-        round: int,
-        participants: Sequence[str],
-        enrolled: int,
-        clip_norm: float,
-        noise_multiplier: float,
-        sample_rate: float,
-        delta: float,
-        rule: str,
-        epsilon: float | None,
-        dp_sgd: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Sign, chain, write and fsync one entry; returns it (with ``sig``).
-
-        ``epsilon`` is the claim after this round (``None`` or ``inf`` for
-        unbounded); :meth:`would_spend` computes it. Raises
-        :class:`LedgerError` when the entry is invalid, the (run, round) is
-        already recorded, the ledger is full, or an earlier write failed.
-        """
-        if self._fd < 0:
-            raise LedgerError("ledger is closed")
-        if self._broken:
-            raise LedgerError("an earlier append failed; reopen the ledger to re-verify it")
-        people = sorted(participants)
-        if isinstance(enrolled, int) and enrolled > 0 and people:
-            realised = len(people) / enrolled
-            if not math.isclose(float(sample_rate), realised, rel_tol=1e-9):
-                raise LedgerError(
-                    f"sample_rate {sample_rate} != participants/enrolled = {realised}"
-                )
-        eps = None if epsilon is None or epsilon == math.inf else float(epsilon)
-        entry: dict[str, Any] = {
-            "type": LEDGER_TYPE,
-            "seq": len(self._entries),
-            "run": run,
-            "round": round,
-            "time": _now_utc(),
-            "participants": people,
-            "enrolled": enrolled,
-            "clip_norm": float(clip_norm),
-            "noise_multiplier": float(noise_multiplier),
-            "sample_rate": float(sample_rate),
-            "delta": float(delta),
-            "rule": rule,
-            "epsilon": eps,
-            "prev": self._head,
-            "sig": "00",
-        }
-        if dp_sgd is not None:
-            entry["dp_sgd"] = dict(dp_sgd)
-        try:
-            validate_entry(entry)
-        except LedgerInvalid as exc:
-            raise LedgerError(f"refusing to append: {exc.reason}") from exc
-        if (run, round) in self._rounds:
-            raise LedgerError(f"run {run!r} round {round} is already recorded")
-        del entry["sig"]
-        entry["sig"] = _sign(self._key, canonical_bytes(entry))
-        line = canonical_bytes(entry)
-        if len(line) > MAX_LINE_BYTES:
-            raise LedgerError(f"entry exceeds {MAX_LINE_BYTES} bytes")
-        if self._size + len(line) + 1 > MAX_FILE_BYTES:
-            raise LedgerError("ledger is full; start a new ledger file for further runs")
-        self._write(line + b"\n")
-        self._entries.append(entry)
-        self._rounds.add((run, round))
-        self._head = entry_hash(line)
-        return copy.deepcopy(entry)
-
-    def _write(self, data: bytes) -> None:
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            os.fsync(self._fd)
-        except OSError as exc:
-            # A partial line may be on disk; further appends would chain onto
-            # state we cannot vouch for.
-            self._broken = True
-            raise LedgerError(f"ledger write failed: {exc}") from exc
-        self._size += len(data)

@@ -20,8 +20,8 @@ from secure_xfl.crypto.pki import PeerIdentity
 from secure_xfl.kit import Kit
 from secure_xfl.privacy.accountant import epsilon
 from secure_xfl.privacy.ledger import PrivacyLedger
-from secure_xfl.training.runtime import install_stop_signals, parse_address, watch_crl
-from secure_xfl.transport import messages
+from secure_xfl.protocol import messages
+from secure_xfl.services.runtime import install_stop_signals, parse_address, watch_crl
 from secure_xfl.transport.rpc import RpcServer
 
 log = logging.getLogger("secure_xfl.keyholder")
