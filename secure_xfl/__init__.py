@@ -23,11 +23,11 @@ from secure_xfl.crypto import (
     get_preset,
     layout_of,
     load_context,
-    protect_update,
-    protect_vector,
     public_context_bytes,
+    seal_vector,
     unflatten,
 )
+from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.errors import (
     ConfigError,
     CryptoError,
@@ -36,6 +36,7 @@ from secure_xfl.errors import (
     TrainingError,
     TransportError,
 )
+from secure_xfl.privacy.protect import protect_update, protect_vector
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "CKKSPreset",
     "ConfigError",
     "CryptoError",
+    "DPSpec",
     "DecryptedAggregate",
     "EncryptedAggregate",
     "KeyHolder",
@@ -65,5 +67,6 @@ __all__ = [
     "protect_update",
     "protect_vector",
     "public_context_bytes",
+    "seal_vector",
     "unflatten",
 ]

@@ -138,7 +138,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     else:
         trainer = RandomTrainer(name, seed=args.seed, delay_s=args.delay)
     try:
-        ok = asyncio.run(
+        return asyncio.run(
             serve_client(
                 kit, aggregator=args.aggregator or kit.config.endpoints.aggregator, trainer=trainer
             )
@@ -146,7 +146,6 @@ def _cmd_client(args: argparse.Namespace) -> int:
     finally:
         if isinstance(trainer, FederatedLMTrainer):
             trainer.close()  # releases torchrun followers
-    return 0 if ok else 1
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -189,10 +188,83 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
-def _cmd_audit(args: argparse.Namespace) -> int:
-    from secure_xfl.privacy.audit import main as audit_main
+def _audit_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="secure-xfl audit",
+        description="Verify a privacy ledger, its signer and the clients' signed statements "
+        "against the federation CA, and recompute the (ε, δ) it records. Exit 0: intact and "
+        "within budget; 1: budget exceeded or a claim the signatures do not support; "
+        "2: unreadable, edited or forged.",
+    )
+    p.add_argument("ledger", metavar="LEDGER", help="privacy ledger (JSON Lines)")
+    p.add_argument(
+        "--cert", metavar="KEYHOLDER_CERT",
+        help="key holder's PEM certificate (default: keyholder-cert.pem beside the ledger, or "
+        "the kit's cert.pem when the ledger is KIT/state/ledger.jsonl)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ca", metavar="CA_PEM",
+        help="federation CA certificate (default: ca.pem beside the ledger, or the kit's "
+        "ca.pem when the ledger is KIT/state/ledger.jsonl)",
+    )  # fmt: skip
+    p.add_argument("--delta", type=float, help="δ to report ε at (default: the ledger's)")
+    p.add_argument("--budget", type=float, metavar="EPS", help="fail (exit 1) above this ε")
+    p.add_argument("--run", help="run to audit (required if the ledger holds several)")
+    p.add_argument("--expected-entries", type=int, help="entry count known out of band")
+    p.add_argument("--expected-head", help="hash of the last line known out of band")
+    p.add_argument("--no-prv", action="store_true", help="skip the PRV accountant")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
 
-    return audit_main(args.rest)
+
+def _beside(ledger: Path, in_dir: str, in_kit: str) -> Path | None:
+    """A file where secure-xfl puts it next to a ledger: beside it, or in the kit
+    when the ledger is ``KIT/state/ledger.jsonl``."""
+    for candidate in (ledger.parent / in_dir, ledger.parent.parent / in_kit):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    """``secure-xfl audit``: exit code 0, 1 or 2 (see :mod:`secure_xfl.privacy.audit`)."""
+    import json
+
+    from secure_xfl.privacy.audit import AuditError, audit
+
+    parser = _audit_parser()
+    try:
+        opts = parser.parse_args(args.rest)
+    except SystemExit as exc:  # --help (0) or bad arguments (2, message on stderr)
+        return exc.code if isinstance(exc.code, int) else 0
+    ledger = Path(opts.ledger)
+    cert = opts.cert or _beside(ledger, "keyholder-cert.pem", "cert.pem")
+    if cert is None:
+        print(f"{parser.prog}: error: no --cert given and none found beside the ledger",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    ca = opts.ca or _beside(ledger, "ca.pem", "ca.pem")
+    if ca is None:
+        print(
+            f"{parser.prog}: warning: no federation CA found (--ca, or ca.pem beside the "
+            "ledger or in its kit): the ledger's signer and the client statements could not "
+            "be checked against the federation CA",
+            file=sys.stderr,
+        )
+    try:
+        report = audit(
+            ledger, cert, ca=ca, delta=opts.delta, budget=opts.budget, run=opts.run,
+            expected_entries=opts.expected_entries, expected_head=opts.expected_head,
+            prv=not opts.no_prv,
+        )  # fmt: skip
+    except AuditError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if opts.json:
+        print(json.dumps(report.to_json(), indent=2, sort_keys=True, allow_nan=False))
+    else:
+        print(report.table())
+    return report.exit_code
 
 
 def _data_args(s: argparse.ArgumentParser) -> None:

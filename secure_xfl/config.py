@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
+from secure_xfl.crypto.dpspec import DEFAULT_DELTA
 from secure_xfl.errors import ConfigError
 from secure_xfl.transport.config import TransportConfig
 
@@ -44,7 +45,7 @@ class PrivacySettings:
     """L2 bound C on each client's whole update."""
     noise_multiplier: float = 0.0
     """σ: each client adds N(0, σ²C²/min_clients); 0 turns DP off (and ε is infinite)."""
-    delta: float = 1e-5
+    delta: float = DEFAULT_DELTA
     """δ of the (ε, δ) guarantee."""
     epsilon_budget: float = 0.0
     """Key holder refuses rounds that would spend more ε than this; 0 = no budget."""
@@ -82,6 +83,11 @@ class RoundSettings:
     """Client learning rate."""
     batch_size: int = 8
     """Client batch size."""
+    fedprox_mu: float = 0.0
+    """FedProx proximal term μ proposed to clients (0: plain local training)."""
+    max_staleness: int = 4
+    """Buffered async (``rule = "async"``): rounds an update may trail the round it is
+    counted in; the key holder refuses older ones by its own kit's value."""
     seed: int = 0
     """Seed of the initial global model (identical on every party)."""
 

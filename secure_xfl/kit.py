@@ -35,7 +35,7 @@ from secure_xfl.config import (
     config_to_dict,
     load_config,
 )
-from secure_xfl.crypto import pki
+from secure_xfl.crypto import pem, pki
 from secure_xfl.crypto.context import (
     generate_context,
     get_preset,
@@ -68,9 +68,9 @@ def _write_party(
     kit.mkdir(parents=True, exist_ok=False, mode=0o700)
     ident = pki.PeerIdentity(cfg.federation.name, role, name)
     cert, key = pki.issue_certificate(ca_cert, ca_key, ident)
-    pki.write_certificate(kit / "cert.pem", cert)
-    pki.write_private_key(kit / "key.pem", key)
-    pki.write_certificate(kit / "ca.pem", ca_cert)
+    pem.write_certificate(kit / "cert.pem", cert)
+    pem.write_private_key(kit / "key.pem", key)
+    pem.write_certificate(kit / "ca.pem", ca_cert)
     shutil.copy(out / "ca" / "crl.pem", kit / "crl.pem")
     party_cfg = replace(cfg, party=PartySettings(role=role, name=name))  # type: ignore[arg-type]
     (kit / "config.toml").write_text(_CONFIG_HEADER + tomli_w.dumps(config_to_dict(party_cfg)))
@@ -105,9 +105,9 @@ def provision(
     preset = get_preset(base.federation.preset)
     (out / "ca").mkdir(parents=True, mode=0o700)
     ca_cert, ca_key = pki.create_ca(federation)
-    pki.write_certificate(out / "ca" / "ca.pem", ca_cert)
-    pki.write_private_key(out / "ca" / "ca-key.pem", ca_key)
-    pki.write_crl(out / "ca" / "crl.pem", pki.build_crl(ca_cert, ca_key, []))
+    pem.write_certificate(out / "ca" / "ca.pem", ca_cert)
+    pem.write_private_key(out / "ca" / "ca-key.pem", ca_key)
+    pem.write_crl(out / "ca" / "crl.pem", pki.build_crl(ca_cert, ca_key, []))
     (out / "ca" / "revoked.json").write_text("[]\n")
 
     kits = {
@@ -139,8 +139,8 @@ def _add_client(
 
 def add_client(out: Path, name: str) -> Path:
     """Enrol one more client into an existing federation folder."""
-    ca_cert = pki.load_certificate(out / "ca" / "ca.pem")
-    ca_key = pki.load_private_key(out / "ca" / "ca-key.pem")
+    ca_cert = pem.load_certificate(out / "ca" / "ca.pem")
+    ca_key = pem.load_private_key(out / "ca" / "ca-key.pem")
     cfg = load_config(out / "aggregator" / "config.toml")
     public = (out / "aggregator" / PUBLIC_CTX).read_bytes()
     return _add_client(out, ca_cert, ca_key, cfg, name, public)  # type: ignore[arg-type]
@@ -149,17 +149,17 @@ def add_client(out: Path, name: str) -> Path:
 def revoke(out: Path, name: str, role: str = "client") -> int:
     """Revoke a party's certificate; writes the new CRL into every kit. Returns its serial."""
     kit = _party_dir(out, role, name)
-    serial = pki.load_certificate(kit / "cert.pem").serial_number
+    serial = pem.load_certificate(kit / "cert.pem").serial_number
     revoked = set(json.loads((out / "ca" / "revoked.json").read_text()))
     revoked.add(serial)
     (out / "ca" / "revoked.json").write_text(json.dumps(sorted(revoked)) + "\n")
-    ca_cert = pki.load_certificate(out / "ca" / "ca.pem")
-    ca_key = pki.load_private_key(out / "ca" / "ca-key.pem")
+    ca_cert = pem.load_certificate(out / "ca" / "ca.pem")
+    ca_key = pem.load_private_key(out / "ca" / "ca-key.pem")
     crl = pki.build_crl(ca_cert, ca_key, revoked)  # type: ignore[arg-type]
-    pki.write_crl(out / "ca" / "crl.pem", crl)
+    pem.write_crl(out / "ca" / "crl.pem", crl)
     for party in out.iterdir():
         if (party / "crl.pem").exists() and party.name != "ca":
-            pki.write_crl(party / "crl.pem", crl)
+            pem.write_crl(party / "crl.pem", crl)
     return serial
 
 
@@ -206,12 +206,12 @@ class Kit:
 
     def client_certificates(self) -> dict[str, x509.Certificate]:
         """Enrolled clients whose certificates chain to our CA and are not revoked."""
-        ca = pki.load_certificate(self.path / "ca.pem")
+        ca = pem.load_certificate(self.path / "ca.pem")
         crl_path = self.path / "crl.pem"
-        crl = pki.load_crl(crl_path) if crl_path.exists() else None
+        crl = pem.load_crl(crl_path) if crl_path.exists() else None
         out: dict[str, x509.Certificate] = {}
-        for pem in sorted((self.path / "clients").glob("*.pem")):
-            cert = pki.load_certificate(pem)
+        for path in sorted((self.path / "clients").glob("*.pem")):
+            cert = pem.load_certificate(path)
             try:
                 ident = pki.verify_peer(
                     [cert],
@@ -221,7 +221,7 @@ class Kit:
                     federation=self.config.federation.name,
                 )
             except pki.PeerRejected as exc:
-                log.warning("ignoring client certificate %s: %s", pem.name, exc)
+                log.warning("ignoring client certificate %s: %s", path.name, exc)
                 continue
             out[ident.name] = cert
         return out

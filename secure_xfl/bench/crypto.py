@@ -39,8 +39,8 @@ from secure_xfl.crypto.envelope import ProtectedUpdate, SignedStatement, Weighti
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy
 from secure_xfl.crypto.packing import QuantSpec
 from secure_xfl.crypto.pki import sign
-from secure_xfl.crypto.protect import protect_vector
 from secure_xfl.privacy.dp import DPConfig, privatize
+from secure_xfl.privacy.protect import protect_vector
 
 RUN = "bench"
 BASELINE = "nvflare-default"

@@ -32,7 +32,7 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 
 from secure_xfl.bench.report import Row, markdown, row
-from secure_xfl.crypto import pki
+from secure_xfl.crypto import pem, pki
 from secure_xfl.transport import RpcClient, RpcServer, TlsIdentity, TransportConfig
 
 __all__ = ["plain_quic_goodput", "quic_goodput", "run", "tls_tcp_goodput"]
@@ -43,11 +43,11 @@ _CHUNK = 1 << 20
 
 def _provision(directory: Path) -> None:
     ca, ca_key = pki.create_ca(_FED)
-    pki.write_certificate(directory / "ca.pem", ca)
+    pem.write_certificate(directory / "ca.pem", ca)
     for role in ("aggregator", "client"):
         cert, key = pki.issue_certificate(ca, ca_key, pki.PeerIdentity(_FED, role, "bench"))
-        pki.write_certificate(directory / f"{role}.pem", cert)
-        pki.write_private_key(directory / f"{role}.key", key)
+        pem.write_certificate(directory / f"{role}.pem", cert)
+        pem.write_private_key(directory / f"{role}.key", key)
 
 
 def _tls(directory: Path, role: str) -> TlsIdentity:

@@ -17,6 +17,7 @@ from secure_xfl.crypto.context import (
     secret_context_bytes,
     write_secret_context,
 )
+from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.envelope import (
     EncryptedAggregate,
     ProtectedUpdate,
@@ -34,7 +35,7 @@ from secure_xfl.crypto.errors import (
     SignatureInvalid,
 )
 from secure_xfl.crypto.keyholder import DecryptedAggregate, KeyHolder, KeyHolderPolicy, Release
-from secure_xfl.crypto.protect import protect_update, protect_vector
+from secure_xfl.crypto.protect import seal_vector
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -44,6 +45,7 @@ __all__ = [
     "CKKSPreset",
     "CodecError",
     "ContextError",
+    "DPSpec",
     "DecryptedAggregate",
     "DecryptionRefused",
     "EncryptedAggregate",
@@ -65,10 +67,9 @@ __all__ = [
     "get_preset",
     "layout_of",
     "load_context",
-    "protect_update",
-    "protect_vector",
     "public_context_bytes",
     "read_context_file",
+    "seal_vector",
     "secret_context_bytes",
     "unflatten",
     "write_secret_context",

@@ -18,16 +18,17 @@ from typing import Any, Literal
 
 import msgpack
 
+from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.errors import EnvelopeError
 from secure_xfl.crypto.packing import QuantSpec
 from secure_xfl.wire import bounded_unpack
 
 ENVELOPE_VERSION = 1
-#: Domain separation tag for the signed statement.
-STATEMENT_DOMAIN = "secure-xfl/update-statement/v1"
-#: Statements of packed updates carry an 11th field (the quantisation) under their own tag,
-#: so a v1 signature can never be read as covering a quantisation it did not name.
-STATEMENT_DOMAIN_V2 = "secure-xfl/update-statement/v2"
+#: Domain separation tag for the signed statement. v1 (10 fields) and v2 (11, with a
+#: quantisation) named no plan, base model or DP spec; they are refused, so no old
+#: signature can be read as covering a DP spec it never named.
+STATEMENT_DOMAIN = "secure-xfl/update-statement/v3"
+STATEMENT_FIELDS = 15
 
 #: Hard caps applied before any allocation.
 MAX_ENVELOPE_BYTES = 2 * 1024**3
@@ -101,17 +102,23 @@ class UpdateStatement:
     """``aggregator``: the aggregator multiplies by ``weight``; ``client``: already applied."""
     ciphertext_digest: bytes
     """:func:`ciphertext_digest` of the chunks."""
-    loss: float | None = None
+    loss: float | None
     """Reported training loss (dynamic weighting), if any."""
-    quant: QuantSpec | None = None
+    quant: QuantSpec | None
     """Quantisation of a packed update (``None`` for ordinary CKKS updates)."""
+    plan_digest: bytes
+    """SHA-256 of the round plan the client accepted (``RoundPlan.digest``)."""
+    base_round: int
+    """Round whose global model the client trained from (``round`` except in buffered
+    asynchronous runs, where a straggler re-targets a newer round)."""
+    base_model_digest: bytes
+    """Digest of the global model the client trained from."""
+    dp: DPSpec | None
+    """The differential privacy the client applied to this update (``None``: none)."""
 
     def to_wire(self) -> list[Any]:
-        """Positional form, also the exact bytes that are signed (after the domain tag).
-
-        Ten fields (v1) without quantisation; eleven (v2) with it.
-        """
-        base = [
+        """Positional form, also the exact bytes that are signed (after the domain tag)."""
+        return [
             self.run,
             self.round,
             self.client,
@@ -122,26 +129,37 @@ class UpdateStatement:
             self.weighting,
             self.ciphertext_digest,
             self.loss,
+            None if self.quant is None else self.quant.to_wire(),
+            self.plan_digest,
+            self.base_round,
+            self.base_model_digest,
+            None if self.dp is None else self.dp.to_wire(),
         ]
-        return base if self.quant is None else [*base, self.quant.to_wire()]
 
     def signing_bytes(self) -> bytes:
         """Canonical bytes covered by the client's signature."""
-        domain = STATEMENT_DOMAIN if self.quant is None else STATEMENT_DOMAIN_V2
-        return bytes(msgpack.packb([domain, *self.to_wire()], use_bin_type=True))
+        return bytes(msgpack.packb([STATEMENT_DOMAIN, *self.to_wire()], use_bin_type=True))
 
     @classmethod
     def from_wire(cls, obj: object) -> UpdateStatement:
-        """Validate the positional form (10 fields, or 11 with a non-null quantisation)."""
-        if not isinstance(obj, list) or len(obj) not in (10, 11):
-            raise EnvelopeError("statement must be a list of 10 or 11 fields")
+        """Validate the positional form (v3: 15 fields)."""
+        if not isinstance(obj, list) or len(obj) != STATEMENT_FIELDS:
+            n = len(obj) if isinstance(obj, list) else type(obj).__name__
+            raise EnvelopeError(
+                f"statement must be a v3 list of {STATEMENT_FIELDS} fields, got {n} "
+                "(v1/v2 statements name no plan or DP spec and are refused)"
+            )
         run, rnd, client, layout, preset, numel, weight, weighting, ctd, loss = obj[:10]
-        quant = QuantSpec.from_wire(obj[10]) if len(obj) == 11 else None
+        quant, plan, base_round, base_model, dp = obj[10:]
         if weighting not in _WEIGHTINGS:
             raise EnvelopeError(f"weighting must be one of {_WEIGHTINGS}")
+        rnd = _check_int(rnd, "round", 0, 2**31)
+        base_round = _check_int(base_round, "base_round", 0, 2**31)
+        if base_round > rnd:
+            raise EnvelopeError("base_round must not exceed round")
         return cls(
             run=_check_id(run, "run"),
-            round=_check_int(rnd, "round", 0, 2**31),
+            round=rnd,
             client=_check_id(client, "client"),
             layout_digest=_check_bytes(layout, "layout_digest", 32, 32),
             preset=_check_id(preset, "preset"),
@@ -150,7 +168,11 @@ class UpdateStatement:
             weighting=weighting,
             ciphertext_digest=_check_bytes(ctd, "ciphertext_digest", 32, 32),
             loss=None if loss is None else _check_float(loss, "loss"),
-            quant=quant,
+            quant=None if quant is None else QuantSpec.from_wire(quant),
+            plan_digest=_check_bytes(plan, "plan_digest", 32, 32),
+            base_round=base_round,
+            base_model_digest=_check_bytes(base_model, "base_model_digest", 32, 32),
+            dp=None if dp is None else DPSpec.from_wire(dp),
         )
 
 

@@ -1,9 +1,14 @@
 """The key holder: decrypts aggregates, and only aggregates, under policy.
 
-Every rule of DESIGN §2 is a check here with its own refusal reason. The
-(run, round) pairs already decrypted are appended to a file and fsynced
-*before* any plaintext exists, so a crash or restart can only burn a round,
-never decrypt it twice.
+Every rule of DESIGN §2 is a check here with its own refusal reason, run
+against the key holder's *own* policy: every signed DP spec must be at least
+as strong as the policy's, every entry must name the same plan, base model
+and DP spec (buffered async: earlier plans within the staleness bound), and
+σ_eff is computed from what the clients signed, never from a figure the
+aggregator sent. The aggregate is decrypted and validated in memory first;
+only then do the budget hook, the durable once-only record (fsynced) and the
+ledger hook run, so a malformed aggregate is refused without burning its round
+and a crash or restart can never decrypt a round twice.
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ import tenseal as ts
 from secure_xfl.crypto import pki
 from secure_xfl.crypto.codec import chunk_lengths, decrypt_chunks, load_chunk
 from secure_xfl.crypto.context import CKKSPreset
-from secure_xfl.crypto.envelope import EncryptedAggregate
-from secure_xfl.crypto.errors import DecryptionRefused, EnvelopeError
+from secure_xfl.crypto.dpspec import DPSpec, effective_noise
+from secure_xfl.crypto.envelope import EncryptedAggregate, SignedStatement
+from secure_xfl.crypto.errors import CodecError, DecryptionRefused, EnvelopeError
 from secure_xfl.crypto.packing import QuantSpec, unpack_vector
-from secure_xfl.privacy.dp import effective_noise_multiplier
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +41,36 @@ MAX_STATE_BYTES = 64 * 1024 * 1024
 
 @dataclass(frozen=True)
 class KeyHolderPolicy:
-    """What the key holder requires before it decrypts."""
+    """What the key holder requires before it decrypts (from its own kit only)."""
 
     run: str
     """The only run id this key holder serves."""
     min_clients: int
     """Fewest distinct, enrolled, signing clients an aggregate must cover."""
-    noise_multiplier: float = 0.0
-    """σ each client's noise was calibrated to (std σ·C/√min_clients); 0 = no DP."""
+    dp: DPSpec | None = None
+    """Weakest client-level DP every entry must have signed (``None``: no DP required)."""
     min_effective_noise: float = 0.0
     """Refuse aggregates whose effective noise multiplier falls below this."""
+    buffered: bool = False
+    """Buffered asynchronous run: entries may have trained on earlier rounds' plans."""
+    max_staleness: int = 4
+    """Buffered async: how many rounds an entry's base round may trail the aggregate's."""
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
             raise ValueError("min_clients must be ≥ 1")
-        if self.noise_multiplier < 0 or self.min_effective_noise < 0:
-            raise ValueError("noise multipliers must be ≥ 0")
+        if self.min_effective_noise < 0:
+            raise ValueError("min_effective_noise must be ≥ 0")
+        if self.max_staleness < 0:
+            raise ValueError("max_staleness must be ≥ 0")
+
+    @classmethod
+    def with_noise(
+        cls, run: str, min_clients: int, noise_multiplier: float, **kw: Any
+    ) -> KeyHolderPolicy:
+        """Policy demanding σ ≥ ``noise_multiplier`` at clip 1 (tests and benchmarks)."""
+        dp = DPSpec(clip_norm=1.0, noise_multiplier=noise_multiplier, min_clients=min_clients)
+        return cls(run=run, min_clients=min_clients, dp=dp, **kw)
 
 
 @dataclass(frozen=True)
@@ -67,7 +86,16 @@ class Release:
     weights: tuple[float, ...]
     """Multiplier applied to each participant's update (same order)."""
     noise_multiplier: float
-    """Effective σ of the released aggregate relative to its sensitivity."""
+    """Effective σ of the released aggregate relative to its sensitivity, computed from
+    the clients' signed DP specs."""
+    clip_norm: float = 1.0
+    """Sensitivity of the released sum to one client (max signed C times multiplier)."""
+    delta: float | None = None
+    """δ the clients signed (``None`` when no entry signed any DP)."""
+    statements: tuple[SignedStatement, ...] = ()
+    """Every participant's signed statement (same order), for the ledger and the audit."""
+    weight_scale: float = 1.0
+    """Aggregator-side divisor of the signed weights (1 under client weighting)."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +206,7 @@ class KeyHolder:
             except Exception:
                 raise DecryptionRefused("bad_signature", st.client) from None
         self._check_quant(agg)
+        self._check_plans(agg)
         if len(names) < pol.min_clients:
             raise DecryptionRefused(
                 "too_few_clients", f"{len(names)} < min_clients {pol.min_clients}"
@@ -188,7 +217,16 @@ class KeyHolder:
             weights = tuple(s.statement.weight / agg.weight_scale for s in agg.manifest)
         else:
             weights = tuple(1.0 for _ in agg.manifest)
-        sigma = effective_noise_multiplier(pol.noise_multiplier, pol.min_clients, weights)
+        specs = [s.statement.dp for s in agg.manifest]
+        if any(d is None for d in specs):
+            sigma, sens, delta = 0.0, pol.dp.clip_norm if pol.dp else 1.0, None
+        else:
+            signed_specs = [d for d in specs if d is not None]
+            try:
+                sigma, sens = effective_noise(signed_specs, weights)
+            except EnvelopeError as exc:
+                raise DecryptionRefused("bad_weights", str(exc)) from None
+            delta = signed_specs[0].delta
         if sigma < pol.min_effective_noise:
             raise DecryptionRefused("noise_too_low", f"effective σ {sigma:.3f}")
         order = sorted(range(len(names)), key=lambda i: names[i])
@@ -198,7 +236,56 @@ class KeyHolder:
             participants=tuple(names[i] for i in order),
             weights=tuple(weights[i] for i in order),
             noise_multiplier=sigma,
+            clip_norm=sens,
+            delta=delta,
+            statements=tuple(agg.manifest[i] for i in order),
+            weight_scale=agg.weight_scale if agg.weighting == "aggregator" else 1.0,
         )
+
+    def _check_plans(self, agg: EncryptedAggregate) -> None:
+        """Every entry signed DP at least the policy's, and all trained on one plan."""
+        pol = self.policy
+        for signed in agg.manifest:
+            st = signed.statement
+            if pol.dp is not None:
+                if st.dp is None:
+                    raise DecryptionRefused("dp_weaker_than_policy", f"{st.client!r} signed no DP")
+                why = st.dp.weaker_than(pol.dp)
+                if why:
+                    raise DecryptionRefused(
+                        "dp_weaker_than_policy", f"{st.client!r}: " + "; ".join(why)
+                    )
+            stale = agg.round - st.base_round
+            if stale < 0 or (stale > 0 and not pol.buffered) or stale > pol.max_staleness:
+                raise DecryptionRefused(
+                    "stale_update", f"{st.client!r} trained on round {st.base_round}"
+                )
+        first = agg.manifest[0].statement
+        if len({s.statement.dp for s in agg.manifest}) != 1:
+            raise DecryptionRefused("manifest_mismatch", "clients signed different DP specs")
+        if not pol.buffered:
+            plans = {(s.statement.plan_digest, s.statement.base_model_digest) for s in agg.manifest}
+            if len(plans) != 1:
+                raise DecryptionRefused(
+                    "manifest_mismatch", "clients signed different plans or base models"
+                )
+        else:
+            # Buffered async: one plan and one model per base round, never two.
+            by_round: dict[int, set[tuple[bytes, bytes]]] = {}
+            for s in agg.manifest:
+                by_round.setdefault(s.statement.base_round, set()).add(
+                    (s.statement.plan_digest, s.statement.base_model_digest)
+                )
+            if any(len(v) != 1 for v in by_round.values()):
+                raise DecryptionRefused(
+                    "manifest_mismatch", "clients signed different plans for one round"
+                )
+        if first.dp is not None and len(agg.manifest) < first.dp.min_clients:
+            raise DecryptionRefused(
+                "too_few_clients",
+                f"{len(agg.manifest)} < the cohort K={first.dp.min_clients} the noise was "
+                "calibrated for",
+            )
 
     def _check_quant(self, agg: EncryptedAggregate) -> QuantSpec | None:
         """Packed aggregates: client-weighted, one signed quantisation, within its cohort."""
@@ -239,21 +326,27 @@ class KeyHolder:
             )
             for c, n in zip(agg.chunks, lengths, strict=True)
         ]
+        total = float(sum(s.statement.weight for s in agg.manifest))
+        divisor = sum(release.weights) if agg.weighting == "aggregator" else total
+        # Decrypt and validate in memory before anything is charged or recorded: a
+        # malformed aggregate (bad lanes, out-of-range values) is refused and the round
+        # stays open for an honest retry.
+        try:
+            if quant is None:
+                vector = decrypt_chunks(vectors, agg.numel) / divisor
+            else:
+                values = [np.asarray(v.decrypt(), dtype=np.float64) for v in vectors]
+                n = len(agg.manifest)
+                vector = unpack_vector(values, quant, n, agg.numel, self.preset.slots) / divisor
+        except CodecError as exc:
+            raise DecryptionRefused("invalid_aggregate", str(exc)) from None
+        if not np.isfinite(vector).all():
+            raise DecryptionRefused("invalid_aggregate", "decrypted values are not finite")
         if self.before_release:
             self.before_release(release)  # e.g. the privacy budget; may refuse
         self._mark(agg.run, agg.round)
         if self.after_release:
-            self.after_release(release)  # the ledger line exists before the plaintext does
-        total = float(sum(s.statement.weight for s in agg.manifest))
-        divisor = sum(release.weights) if agg.weighting == "aggregator" else total
-        if quant is None:
-            vector = decrypt_chunks(vectors, agg.numel) / divisor
-        else:
-            # A tolerance or lane violation raises CodecError after the round was marked:
-            # a tampered aggregate burns its round rather than being retried.
-            values = [np.asarray(v.decrypt(), dtype=np.float64) for v in vectors]
-            n = len(agg.manifest)
-            vector = unpack_vector(values, quant, n, agg.numel, self.preset.slots) / divisor
+            self.after_release(release)  # the ledger line exists before the plaintext leaves
         log.info(
             "decrypted run %s round %d over %d clients (σ_eff=%.3f)",
             agg.run,

@@ -29,14 +29,25 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from secure_xfl.crypto.errors import CodecError, EnvelopeError
 
-if TYPE_CHECKING:
-    from secure_xfl.privacy.dp import DPConfig
+
+class DPConfig(Protocol):
+    """The noise parameters a quantiser is sized for (a ``DPSpec`` or ``DPConfig``)."""
+
+    @property
+    def clip_norm(self) -> float: ...
+    @property
+    def noise_multiplier(self) -> float: ...
+    @property
+    def min_clients(self) -> int: ...
+    @property
+    def client_noise_std(self) -> float: ...
+
 
 #: Std of a fresh public-key ciphertext's error in its noisiest slot, in units of
 #: 1/scale, for N=4096 with a [60, 49] modulus. Measured: 685 averaged over slots,

@@ -1,13 +1,16 @@
-"""Client side: turn a model update into a signed, encrypted, DP-protected envelope."""
+"""Client side: encrypt and sign an already-privatised update vector.
+
+Clipping and noise happen one layer up (:mod:`secure_xfl.privacy.protect`); this
+module only needs the signed :class:`DPSpec` to size a packed quantiser and to
+state what was applied.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import tenseal as ts
-import torch
 
 from secure_xfl.crypto import pki
 from secure_xfl.crypto.codec import (
@@ -15,10 +18,9 @@ from secure_xfl.crypto.codec import (
     TensorLayout,
     encrypt_slots,
     encrypt_vector,
-    flatten,
-    layout_of,
 )
 from secure_xfl.crypto.context import CKKSPreset
+from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.envelope import (
     ProtectedUpdate,
     SignedStatement,
@@ -29,14 +31,14 @@ from secure_xfl.crypto.envelope import (
 from secure_xfl.crypto.errors import CodecError
 from secure_xfl.crypto.packing import DEFAULT_MAX_CLIENTS, QuantSpec, pack_chunks
 
-if TYPE_CHECKING:
-    from secure_xfl.privacy.dp import DPConfig
+#: Plan and model digests of updates sealed outside a planned round (library use).
+UNPLANNED = bytes(32)
 
 #: Headroom so the sum of this many clients' values still fits the preset's range.
 SUM_HEADROOM_CLIENTS = 1024
 
 
-def protect_vector(
+def seal_vector(
     vec: np.ndarray,
     *,
     ctx: ts.Context,
@@ -46,26 +48,29 @@ def protect_vector(
     round: int,
     client: str,
     signing_key: Any,
+    dp: DPSpec | None,
     weight: float = 1.0,
     weighting: Weighting = "aggregator",
     loss: float | None = None,
-    dp: DPConfig | None = None,
     rng: np.random.Generator | None = None,
     quant: QuantSpec | None = None,
     max_clients: int = DEFAULT_MAX_CLIENTS,
     pool: EncryptionPool | None = None,
+    plan_digest: bytes = UNPLANNED,
+    base_round: int | None = None,
+    base_model_digest: bytes = UNPLANNED,
 ) -> ProtectedUpdate:
-    """Clip, noise, (pre-)weight, encrypt and sign a flat update vector.
+    """Encrypt and sign a flat, already clipped, (pre-)weighted and noised vector.
 
-    With ``weighting="client"`` the client multiplies its clipped update by
-    ``weight`` (which must lie in (0, 1] so its contribution stays bounded by
-    the clip norm) before noise is added; the aggregator then only adds.
+    ``dp`` is what the caller applied (``None``: no DP) and is signed as such;
+    with ``weighting="client"`` the caller already multiplied by ``weight``,
+    which must lie in (0, 1] so the contribution stays within the clip norm.
 
     A packed preset (``preset.packed``) needs client weighting and a
-    quantisation: ``quant``, or one derived from ``dp`` for at most
+    quantisation: ``quant``, or one derived from the signed ``dp`` for at most
     ``max_clients`` clients (:meth:`QuantSpec.for_dp`); the values are then
-    stochastically rounded and packed several per slot. ``pool`` encrypts in
-    parallel worker processes.
+    stochastically rounded (``rng``) and packed several per slot. ``pool``
+    encrypts in parallel worker processes.
     """
     if vec.shape != (layout.numel,):
         raise CodecError(f"vector has shape {vec.shape}, layout expects ({layout.numel},)")
@@ -82,18 +87,10 @@ def protect_vector(
             quant = QuantSpec.for_dp(dp, max_clients=max_clients)
     elif quant is not None:
         raise CodecError(f"preset {preset.name!r} is not packed; quant must be None")
-    if dp is not None:
-        from secure_xfl.privacy.dp import privatize
-
-        pre = weight if weighting == "client" else 1.0
-        vec = privatize(vec, dp, weight=pre, rng=rng)
-    elif weighting == "client":
-        vec = vec * weight
     if quant is not None:
         if rng is None:
-            from secure_xfl.privacy.dp import secure_rng
-
-            rng = secure_rng()
+            # Stochastic rounding needs unpredictable coins, not a fixed seed.
+            rng = np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence()))
         # pack_chunks range-checks each piece against ±R before quantising it.
         packed = pack_chunks(vec, quant, preset.slots, rng)
         chunks = encrypt_slots(ctx, packed, scale=2.0**quant.scale_bits, pool=pool)
@@ -121,17 +118,10 @@ def protect_vector(
         ciphertext_digest=ciphertext_digest(chunks),
         loss=loss,
         quant=quant,
+        plan_digest=plan_digest,
+        base_round=round if base_round is None else base_round,
+        base_model_digest=base_model_digest,
+        dp=dp,
     )
     signature = pki.sign(signing_key, statement.signing_bytes())
     return ProtectedUpdate(SignedStatement(statement, signature), tuple(chunks))
-
-
-def protect_update(
-    update: Mapping[str, torch.Tensor],
-    *,
-    layout: TensorLayout | None = None,
-    **kwargs: Any,
-) -> ProtectedUpdate:
-    """:func:`protect_vector` for a mapping of named tensors (e.g. a LoRA state-dict delta)."""
-    layout = layout or layout_of(update)
-    return protect_vector(flatten(update, layout), layout=layout, **kwargs)

@@ -36,9 +36,9 @@ from secure_xfl.crypto.codec import flatten, layout_of, unflatten
 from secure_xfl.crypto.context import generate_context, get_preset, load_context
 from secure_xfl.crypto.context import public_context_bytes as _public_bytes
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy
-from secure_xfl.crypto.protect import protect_vector
 from secure_xfl.privacy.accountant import epsilon_for
 from secure_xfl.privacy.dp import DPConfig
+from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.training.data import Blocks, ByteTokenizer, default_documents, make_blocks
 from secure_xfl.training.lm import LMConfig, build_model, evaluate, load_trainable
 
@@ -213,7 +213,9 @@ def federated_canary_run(
         holder = KeyHolder(
             ctx=secret_ctx,
             preset=p,
-            policy=KeyHolderPolicy(run="canary", min_clients=min_clients, noise_multiplier=sigma),
+            policy=KeyHolderPolicy(
+                run="canary", min_clients=min_clients, dp=None if dp is None else dp.spec()
+            ),
             client_keys={n: k.public_key() for n, k in keys.items()},
             state_dir=Path(state_dir),
         )

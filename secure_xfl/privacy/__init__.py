@@ -1,4 +1,4 @@
-"""Privacy layer: client-level DP, accounting, the signed ledger and its audit."""
+"""Privacy layer: client-level DP, accounting, the budget, the signed ledger and its audit."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from secure_xfl.privacy.accountant import (
     rdp_to_epsilon,
 )
 from secure_xfl.privacy.audit import AuditError, AuditReport, audit
+from secure_xfl.privacy.budget import PrivacyBudget
 from secure_xfl.privacy.dp import (
     DPConfig,
     InvalidDPConfig,
@@ -46,6 +47,7 @@ __all__ = [
     "LedgerError",
     "LedgerInvalid",
     "PRVUnavailable",
+    "PrivacyBudget",
     "PrivacyLedger",
     "add_client_noise",
     "audit",

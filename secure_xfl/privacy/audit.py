@@ -1,53 +1,63 @@
-"""Privacy-budget audit of a run's ledger (``secure-xfl audit``).
+"""Privacy-budget audit of a run's ledger (the library behind ``secure-xfl audit``).
 
-The audit trusts nothing but the key holder's public key: it verifies every
-line of the ledger (:func:`secure_xfl.privacy.ledger.read_ledger`), then
-recomputes ε from the recorded mechanisms with the RDP and PRV accountants.
+The audit trusts the key holder only for the *fact* of a release. It verifies
+every line of the ledger (:func:`secure_xfl.privacy.ledger.read_ledger`) and,
+given the federation CA (``ca``), that the ledger's signer holds a
+``keyholder`` certificate of that CA and that every released round carries a
+signed statement of each participant from a ``client`` certificate of the
+same CA. It recomputes σ_eff and the sensitivity of each release from the DP
+specs the clients signed (:func:`secure_xfl.crypto.dpspec.effective_noise`)
+and ε from that σ, never from the σ the key holder recorded.
 
-Two views of ε are reported:
+Two views of ε are reported (see :mod:`secure_xfl.privacy.budget`): the
+**federation** figure (subsampled at the recorded client sampling rate) and
+the **per client** figure (only its rounds, at rate 1). Both are held to the
+budget.
 
-* **federation** — every round of the run, each a Gaussian mechanism with
-  the recorded σ_eff, subsampled at the recorded client sampling rate. The
-  subsampling amplification assumes the cohort was a secret random sample.
-* **per client** — only the rounds the client took part in, each at sample
-  rate 1. Once the ledger (and the aggregator) know who took part, selection
-  hides nothing, so amplification cannot be claimed; rounds a client sat out
-  never touched its data and cost it nothing. This figure is valid whatever
-  the selection process was, which is why it is also held to the budget.
-
-Exit codes: 0 — ledger intact, every claim at least the recomputed ε and the
-budget respected; 1 — budget exceeded, an ε claim understated, or another
-policy problem in a correctly signed ledger; 2 — the ledger (or the key) is
-unreadable, malformed, edited, reordered, cut in the middle or forged.
+Exit codes: 0 — ledger intact, every claim at least the recomputed ε, the
+budget respected; 1 — budget exceeded, an ε claim understated, a recorded σ,
+sensitivity or δ the signed statements do not support, a statement for
+another run or round, a round without signed statements (under ``ca``), or
+another policy problem in a correctly signed ledger; 2 — the ledger (or a
+key) is unreadable, malformed, edited, reordered, cut in the middle or
+forged: signed by a key that is not the federation's key holder, or carrying
+a client statement that is unreadable, whose signature does not verify or
+whose certificate is not the participant's client certificate from the CA.
+Certificates are checked at the time the entry records (the release); no CRL
+is consulted, since a later revocation does not undo what a key signed.
 Cutting lines off the end cannot be seen in the chain; pass
 ``expected_entries`` or ``expected_head`` from an out-of-band record to catch it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from secure_xfl.errors import PrivacyError
-from secure_xfl.privacy.accountant import (
-    PRVUnavailable,
-    epsilon,
-    rdp_curve,
-    rdp_to_epsilon,
-)
-from secure_xfl.privacy.ledger import LedgerError, LedgerInvalid, read_ledger
+from cryptography import x509
 
-__all__ = ["AuditError", "AuditReport", "audit", "main"]
+from secure_xfl.crypto import pki
+from secure_xfl.crypto.dpspec import DEFAULT_DELTA
+from secure_xfl.errors import PrivacyError
+from secure_xfl.privacy.accountant import PRVUnavailable, rdp_to_epsilon
+from secure_xfl.privacy.budget import PrivacyBudget
+from secure_xfl.privacy.ledger import (
+    LedgerError,
+    LedgerInvalid,
+    StatementCheck,
+    as_certificate,
+    read_ledger,
+    verify_signer,
+    verify_statements,
+)
+
+__all__ = ["AuditError", "AuditReport", "audit"]
 
 # Claims are floats written by the same arithmetic; allow only round-off.
 _CLAIM_RTOL = 1e-6
+_NO_CA = "no federation CA: the ledger's signer and the client statements were not checked"
 
 
 class AuditError(PrivacyError):
@@ -58,15 +68,11 @@ class AuditError(PrivacyError):
 
 def _num(x: float | None) -> float | str | None:
     """JSON-safe number: infinity is written as the string ``"inf"``."""
-    if x is None or math.isfinite(x):
-        return x
-    return "inf"
+    return x if x is None or math.isfinite(x) else "inf"
 
 
 def _fmt(x: float | None) -> str:
-    if x is None:
-        return "n/a"
-    return "inf" if math.isinf(x) else f"{x:.4f}"
+    return "n/a" if x is None else ("inf" if math.isinf(x) else f"{x:.4f}")
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ class AuditReport:
     ok: bool
     """True exactly when ``exit_code`` is 0."""
     exit_code: int
-    """0 intact and within budget; 1 budget exceeded or claim understated; 2 invalid."""
+    """0 intact and within budget; 1 a policy problem (see module doc); 2 invalid/forged."""
     ledger: str
     """Path of the audited ledger."""
     run: str | None
@@ -97,17 +103,20 @@ class AuditReport:
     """Reasons for a non-zero exit code."""
     notes: list[str] = field(default_factory=list)
     """Informational remarks that do not change the exit code."""
+    per_round: list[dict[str, Any]] = field(default_factory=list)
+    """Per entry: ``round``, ``participants``, ``sample_rate``, ``recorded_sigma``,
+    ``signed_sigma`` / ``signed_sensitivity`` (recomputed from the statements; None
+    without them), ``sigma_used`` (what ε was computed from), ``claimed_epsilon`` and
+    ``epsilon`` (recomputed federation ε after the round, RDP, at the entry's δ)."""
+    signer: str | None = None
+    """SPIFFE id of the ledger's signer, when checked against the CA."""
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict; infinite values are the string ``"inf"``."""
         return {
-            "ok": self.ok,
-            "exit_code": self.exit_code,
-            "ledger": self.ledger,
-            "run": self.run,
-            "rounds": self.rounds,
-            "delta": self.delta,
-            "budget": self.budget,
+            "ok": self.ok, "exit_code": self.exit_code, "ledger": self.ledger, "run": self.run,
+            "rounds": self.rounds, "delta": self.delta, "budget": self.budget,
+            "signer": self.signer,
             "epsilon": {k: _num(v) for k, v in self.epsilon.items()},
             "claimed_epsilon": _num(self.claimed_epsilon),
             "per_client": {
@@ -117,9 +126,12 @@ class AuditReport:
                 }
                 for cid, info in self.per_client.items()
             },
-            "problems": list(self.problems),
-            "notes": list(self.notes),
-        }
+            "per_round": [
+                {k: _num(v) if isinstance(v, float) else v for k, v in row.items()}
+                for row in self.per_round
+            ],
+            "problems": list(self.problems), "notes": list(self.notes),
+        }  # fmt: skip
 
     def table(self) -> str:
         """Human-readable summary."""
@@ -128,6 +140,7 @@ class AuditReport:
             f"privacy audit of {self.ledger}",
             f"run: {self.run or '-'}   rounds: {self.rounds}   delta: {self.delta}   "
             f"budget: {'-' if self.budget is None else self.budget}",
+            f"signer: {self.signer or 'not verified against a federation CA'}",
             f"status: {status} (exit {self.exit_code})",
             "",
         ]
@@ -142,6 +155,14 @@ class AuditReport:
                     f"{name:<{width}}  {n:>6}  {_fmt(eps['rdp']):>10}  {_fmt(eps['prv']):>10}"
                 )
             lines += ["", f"claimed eps (last entry, RDP): {_fmt(self.claimed_epsilon)}"]
+        if self.per_round:
+            lines += ["", "round  clients  rate    sigma rec.  sigma signed  eps claimed  eps"]
+            for r in self.per_round:
+                lines.append(
+                    f"{r['round']:>5}  {r['participants']:>7}  {r['sample_rate']:<6.4g}  "
+                    f"{_fmt(r['recorded_sigma']):>10}  {_fmt(r['signed_sigma']):>12}  "
+                    f"{_fmt(r['claimed_epsilon']):>11}  {_fmt(r['epsilon'])}"
+                )
         lines.append("problems: " + ("none" if not self.problems else ""))
         lines += [f"  - {p}" for p in self.problems]
         lines += [f"note: {n}" for n in self.notes]
@@ -156,11 +177,19 @@ def _invalid(path: str, reason: str, budget: float | None) -> AuditReport:
     )  # fmt: skip
 
 
-def _both(history: list[tuple[float, float, int]], delta: float, with_prv: bool) -> dict[str, Any]:
-    out: dict[str, float | None] = {"rdp": epsilon(history, delta, "rdp"), "prv": None}
+# ------------------------------------------------------------------------ audit
+
+
+def _both(budget: PrivacyBudget, client: str | None, with_prv: bool) -> dict[str, float | None]:
+    def one(method: Any) -> float:
+        if client is None:
+            return budget.federation_epsilon(method)
+        return budget.client_epsilon(client, method)
+
+    out: dict[str, float | None] = {"rdp": one("rdp"), "prv": None}
     if with_prv:
         try:
-            out["prv"] = epsilon(history, delta, "prv")
+            out["prv"] = one("prv")
         except PRVUnavailable:
             out["prv"] = None
     return out
@@ -173,10 +202,20 @@ def _check_args(delta: float | None, budget: float | None) -> None:
         raise AuditError(f"budget must be ≥ 0, got {budget}")
 
 
+def _load_ca(ca: Any) -> x509.Certificate:
+    if isinstance(ca, x509.Certificate):
+        return ca
+    cert = as_certificate(ca)
+    if cert is None:
+        raise pki.PkiFileError("not a PEM certificate")
+    return cert
+
+
 def audit(
     ledger_path: str | os.PathLike[str],
     keyholder_cert_path_or_public_key: Any,
     *,
+    ca: str | os.PathLike[str] | x509.Certificate | None = None,
     delta: float | None = None,
     budget: float | None = None,
     run: str | None = None,
@@ -186,9 +225,13 @@ def audit(
 ) -> AuditReport:
     """Verify a ledger and recompute the privacy spent by one run.
 
-    ``delta`` defaults to the run's recorded δ (its last entry's). ``run`` may
-    be omitted when the ledger holds at most one run; otherwise
-    :class:`AuditError` is raised. ``prv=False`` skips the (slower) PRV figures.
+    ``ca`` is the federation CA (path, PEM or certificate): with it the signer
+    must be its key holder and every entry must carry the participants'
+    statements signed under its client certificates; without it only the
+    ledger's own signature chain is checked and a note says so. ``delta``
+    defaults to the run's recorded δ (its last entry's). ``run`` may be omitted
+    when the ledger holds at most one run; otherwise :class:`AuditError` is
+    raised. ``prv=False`` skips the (slower) PRV figures.
     """
     _check_args(delta, budget)
     path = os.fspath(ledger_path)
@@ -204,9 +247,24 @@ def audit(
     except LedgerError as exc:
         return _invalid(path, f"cannot load key holder key: {exc}", budget)
 
+    ca_cert: x509.Certificate | None = None
+    signer: pki.PeerIdentity | None = None
+    if ca is not None:
+        try:
+            ca_cert = _load_ca(ca)
+        except (OSError, ValueError, pki.PkiError) as exc:
+            return _invalid(path, f"cannot load the federation CA: {exc}", budget)
+        try:
+            signer = verify_signer(keyholder_cert_path_or_public_key, ca_cert, entries)
+        except (OSError, ValueError, pki.PkiError) as exc:
+            # E.g. a ledger re-signed with an enrolled client's key and shipped
+            # with that client's genuine certificate: a real cert, wrong role.
+            return _invalid(path, f"signer is not the federation's key holder: {exc}", budget)
+
     runs = sorted({e["run"] for e in entries})
     problems: list[str] = []
-    notes: list[str] = []
+    forged: list[str] = []
+    notes: list[str] = [] if ca_cert is not None else [_NO_CA]
     if run is None:
         if len(runs) > 1:
             raise AuditError(f"ledger holds {len(runs)} runs ({', '.join(runs)}); choose one")
@@ -219,51 +277,68 @@ def audit(
     if len(deltas) > 1:
         notes.append(f"delta changes within the run: {sorted(deltas)}")
     use_delta = delta if delta is not None else (mine[-1]["delta"] if mine else None)
+    acct = PrivacyBudget(run or "", DEFAULT_DELTA if use_delta is None else use_delta)
 
     seen: set[int] = set()
-    history: list[tuple[float, float, int]] = []
-    running = rdp_curve([])
+    per_round: list[dict[str, Any]] = []
+    unsigned: list[int] = []
     for e in mine:
-        if e["round"] in seen:
-            problems.append(f"round {e['round']} was released more than once")
-        seen.add(e["round"])
+        r = e["round"]
+        if r in seen:
+            problems.append(f"round {r} was released more than once")
+        seen.add(r)
         realised = len(e["participants"]) / e["enrolled"]
         q = e["sample_rate"]
         if not math.isclose(q, realised, rel_tol=1e-9):
-            problems.append(
-                f"round {e['round']}: sample_rate {q} != participants/enrolled {realised:.6g}"
-            )
+            problems.append(f"round {r}: sample_rate {q} != participants/enrolled {realised:.6g}")
             q = max(q, realised)  # never let a misreported rate lower ε
-        if e["noise_multiplier"] == 0:
-            notes.append(f"round {e['round']} was released without noise (ε unbounded)")
-        history.append((e["noise_multiplier"], q, 1))
-        # Each claim is checked at its own δ against the prefix it covers;
-        # RDP composes additively, so the prefix curve is kept incrementally.
-        running = running + rdp_curve([history[-1]])
-        recomputed = rdp_to_epsilon(running, e["delta"])
+        evidence = StatementCheck()
+        if "statements" in e:
+            evidence = verify_statements(e, ca_cert, signer.federation if signer else None)
+            problems += evidence.problems
+            forged += evidence.forged
+            # Unverifiable evidence supports no noise at all: ε is then unbounded.
+            sigma = 0.0 if evidence.sigma is None else evidence.sigma
+        else:
+            unsigned.append(r)
+            sigma = e["noise_multiplier"]
+        if sigma == 0:
+            notes.append(f"round {r} was released without (verified) noise: ε unbounded")
+        acct.step(sigma, q, e["participants"])
+        # Each claim is checked at its own δ against the prefix it covers.
+        recomputed = rdp_to_epsilon(acct.federation_rdp(), e["delta"])
         claimed = math.inf if e["epsilon"] is None else e["epsilon"]
-        if claimed < recomputed * (1 - _CLAIM_RTOL) - 1e-12:
+        # With forged evidence ε is unbounded by construction; the forgery is the finding.
+        verified = "statements" not in e or evidence.sigma is not None
+        if verified and claimed < recomputed * (1 - _CLAIM_RTOL) - 1e-12:
             problems.append(
-                f"round {e['round']}: claimed ε {claimed:.6g} understates "
-                f"recomputed ε {recomputed:.6g}"
+                f"round {r}: claimed ε {claimed:.6g} understates recomputed ε {recomputed:.6g}"
             )
+        per_round.append(
+            {
+                "round": r, "participants": len(e["participants"]), "sample_rate": q,
+                "recorded_sigma": e["noise_multiplier"], "signed_sigma": evidence.sigma,
+                "signed_sensitivity": evidence.sensitivity, "sigma_used": sigma,
+                "claimed_epsilon": claimed, "epsilon": recomputed,
+            }
+        )  # fmt: skip
+    for r in unsigned:
+        msg = f"round {r}: no signed client statements; σ taken on the key holder's word"
+        (problems if ca_cert is not None else notes).append(msg)
 
     fed: dict[str, float | None] = {"rdp": 0.0, "prv": 0.0}
     per_client: dict[str, dict[str, Any]] = {}
     if mine and use_delta is not None:
-        fed = _both(history, use_delta, prv)
+        fed = _both(acct, None, prv)
         if prv and fed["prv"] is None:
             notes.append("PRV accountant could not bound this run; see RDP figure")
-        by_client: dict[str, list[float]] = {}
-        for e in mine:
-            for cid in e["participants"]:
-                by_client.setdefault(cid, []).append(e["noise_multiplier"])
-        cache: dict[tuple[float, ...], dict[str, Any]] = {}
-        for cid, sigmas in sorted(by_client.items()):
-            key = tuple(sorted(sigmas))
+        cache: dict[tuple[float, ...], dict[str, float | None]] = {}
+        for cid in acct.clients():
+            # Clients with the same σ history share one figure (PRV is slow).
+            key = tuple(sorted(s for s, _, _ in acct.client_history(cid)))
             if key not in cache:
-                cache[key] = _both([(s, 1.0, 1) for s in key], use_delta, prv)
-            per_client[cid] = {"rounds": len(sigmas), "epsilon": dict(cache[key])}
+                cache[key] = _both(acct, cid, prv)
+            per_client[cid] = {"rounds": acct.client_rounds(cid), "epsilon": dict(cache[key])}
 
     if budget is not None:
         fed_rdp = fed["rdp"]
@@ -275,87 +350,13 @@ def audit(
                     f"client {cid}: ε {info['epsilon']['rdp']:.6g} exceeds budget {budget}"
                 )
 
-    code = 1 if problems else 0
+    code = 2 if forged else 1 if problems else 0
     claimed_last: float | None = None
     if mine:
         claimed_last = math.inf if mine[-1]["epsilon"] is None else mine[-1]["epsilon"]
     return AuditReport(
         ok=code == 0, exit_code=code, ledger=path, run=run, rounds=len(mine), delta=use_delta,
         budget=budget, epsilon=fed, claimed_epsilon=claimed_last, per_client=per_client,
-        problems=problems, notes=notes,
+        problems=[f"forged: {f}" for f in forged] + problems, notes=notes,
+        per_round=per_round, signer=None if signer is None else signer.spiffe_id,
     )  # fmt: skip
-
-
-class _ArgumentError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    # argparse exits the process on bad arguments; main() must return instead.
-    def error(self, message: str) -> Any:
-        raise _ArgumentError(message)
-
-
-def _parser() -> _Parser:
-    p = _Parser(
-        prog="secure-xfl audit",
-        description="Verify a privacy ledger and recompute the (ε, δ) it records.",
-    )
-    p.add_argument("ledger", metavar="LEDGER", help="privacy ledger (JSON Lines)")
-    p.add_argument(
-        "--cert", metavar="KEYHOLDER_CERT_PEM",
-        help="key holder's PEM certificate or public key (default: keyholder-cert.pem beside "
-        "the ledger, or the kit's cert.pem when the ledger is KIT/state/ledger.jsonl)",
-    )  # fmt: skip
-    p.add_argument("--delta", type=float, help="δ to report ε at (default: the ledger's)")
-    p.add_argument("--budget", type=float, metavar="EPS", help="fail (exit 1) above this ε")
-    p.add_argument("--run", help="run to audit (required if the ledger holds several)")
-    p.add_argument("--expected-entries", type=int, help="entry count known out of band")
-    p.add_argument("--expected-head", help="hash of the last line known out of band")
-    p.add_argument("--no-prv", action="store_true", help="skip the PRV accountant")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    return p
-
-
-def _default_cert(ledger: Path) -> Path | None:
-    """The key holder's certificate where secure-xfl puts it next to a ledger."""
-    for candidate in (ledger.parent / "keyholder-cert.pem", ledger.parent.parent / "cert.pem"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``secure-xfl audit``; returns the exit code (0, 1 or 2) instead of exiting."""
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-    except _ArgumentError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return exc.code if isinstance(exc.code, int) else 0
-    cert = args.cert or _default_cert(Path(args.ledger))
-    if cert is None:
-        print(f"{parser.prog}: error: no --cert given and none found beside the ledger",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    try:
-        report = audit(
-            args.ledger,
-            cert,
-            delta=args.delta,
-            budget=args.budget,
-            run=args.run,
-            expected_entries=args.expected_entries,
-            expected_head=args.expected_head,
-            prv=not args.no_prv,
-        )
-    except AuditError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2, sort_keys=True, allow_nan=False))
-    else:
-        print(report.table())
-    return report.exit_code

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from secure_xfl.crypto.dpspec import DEFAULT_DELTA, DPSpec
+from secure_xfl.crypto.errors import EnvelopeError
 from secure_xfl.errors import PrivacyError
 
 __all__ = [
@@ -88,7 +90,7 @@ class DPConfig:
     min_clients: int
     """``K``: the smallest cohort the key holder will decrypt (≥ 1)."""
 
-    delta: float = 1e-5
+    delta: float = DEFAULT_DELTA
     """Target ``δ`` of the (ε, δ) guarantee (0 < δ < 1)."""
 
     def __post_init__(self) -> None:
@@ -110,6 +112,28 @@ class DPConfig:
         object.__setattr__(self, "noise_multiplier", sigma)
         object.__setattr__(self, "delta", delta)
         object.__setattr__(self, "min_clients", int(self.min_clients))
+
+    @classmethod
+    def from_spec(cls, spec: DPSpec) -> DPConfig:
+        """The mechanism that applies a signed :class:`DPSpec`."""
+        return cls(
+            clip_norm=spec.clip_norm,
+            noise_multiplier=spec.noise_multiplier,
+            min_clients=spec.min_clients,
+            delta=spec.delta,
+        )
+
+    def spec(self) -> DPSpec:
+        """What a client signs after applying this mechanism."""
+        try:
+            return DPSpec(
+                clip_norm=self.clip_norm,
+                noise_multiplier=self.noise_multiplier,
+                min_clients=self.min_clients,
+                delta=self.delta,
+            )
+        except EnvelopeError as exc:
+            raise InvalidDPConfig(str(exc)) from None
 
     @property
     def enabled(self) -> bool:

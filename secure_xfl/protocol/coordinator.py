@@ -1,10 +1,16 @@
 """The aggregator's round logic as a sans-IO state machine.
 
-Inputs are method calls (a client's hello, task request or upload; the key
-holder's answer; the clock); outputs are return values and
-:class:`DecryptRequest` actions. Nothing here touches a socket, a thread or the
-wall clock, so unit tests drive whole runs in memory and the QUIC service is a
-thin adapter around it.
+Inputs are a client's hello / task request / upload / decline, the key
+holder's answer or refusal, and ``now``. Outputs are typed values: an
+:class:`Offer` (plan + model), :class:`Wait` or :class:`Finished` for a task
+request, a :class:`DecryptRequest` action from :meth:`handle_timer`, and
+:meth:`next_deadline` for the adapter to sleep on. Nothing here touches a
+socket, a thread or the wall clock, so unit tests drive whole runs in memory
+and the QUIC service is a thin adapter around it.
+
+The coordinator only *proposes* (:class:`RoundPlan`); it checks that every
+update signed this round's plan, base model and DP spec, but the guarantees
+come from the clients' and the key holder's own policies.
 """
 
 from __future__ import annotations
@@ -21,80 +27,116 @@ import torch
 from secure_xfl.crypto.aggregate import Accumulator
 from secure_xfl.crypto.codec import flatten, layout_of, unflatten
 from secure_xfl.crypto.context import CKKSPreset
+from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.envelope import ProtectedUpdate
 from secure_xfl.crypto.packing import QuantSpec
 from secure_xfl.errors import SecureXFLError, TrainingError
-from secure_xfl.privacy.dp import DPConfig
-from secure_xfl.protocol.rules import ServerRule
+from secure_xfl.protocol.events import (
+    Accepted,
+    DecryptRequest,
+    Finished,
+    NotEnrolled,
+    Offer,
+    PlanMismatch,
+    RoundClosed,
+    RoundRecord,
+    Wait,
+)
+from secure_xfl.protocol.plan import LocalTraining, RoundPlan, model_digest
+from secure_xfl.protocol.rules import AggregationRule
 
 log = logging.getLogger(__name__)
 
 Phase = Literal["collecting", "decrypting", "finished"]
 
-
-class RoundClosed(TrainingError):
-    """An upload arrived for a round that is not collecting any more."""
-
-    code = "round_closed"
-
-
-class NotEnrolled(TrainingError):
-    """A peer that is not an enrolled client tried to take part."""
-
-    code = "not_enrolled"
+__all__ = [
+    "Accepted",
+    "Coordinator",
+    "CoordinatorSettings",
+    "DecryptRequest",
+    "Finished",
+    "NotEnrolled",
+    "Offer",
+    "PlanMismatch",
+    "RoundClosed",
+    "RoundRecord",
+    "Wait",
+]
 
 
 @dataclass(frozen=True)
 class CoordinatorSettings:
-    """What the aggregator needs to run rounds."""
+    """What the aggregator needs to run rounds (from its own kit: a proposal only)."""
 
     run: str
     """Run id."""
     rounds: int
     """Rounds to run."""
     min_clients: int
-    """Smallest cohort the key holder accepts."""
+    """Cohort at which a round may close."""
     timeout_s: float
-    """A round closes this long after opening if ≥ min_clients uploaded."""
+    """A round closes this long after it is first handed out if ≥ min_clients uploaded."""
+    dp: DPSpec | None = None
+    """Client-level DP to propose (clients and key holder check it against their kits)."""
+    local: LocalTraining = field(default_factory=LocalTraining)
+    """Local-training settings to propose."""
     weighting: Literal["aggregator", "client"] = "aggregator"
     """Who applies weights (see UpdateStatement.weighting)."""
     weight_cap: float = 1e6
     """Public bound on weights; aggregator-side multipliers are weight / weight_cap."""
-    announce: Mapping[str, Any] = field(default_factory=dict)
-    """Extra round settings forwarded to clients (rule, local training, DP)."""
-    buffered: bool = False
-    """Buffered asynchronous aggregation: close a round once min_clients uploaded."""
+    max_staleness: int = 4
+    """Buffered async: rounds an update may trail the round it is counted in."""
     give_up_after_s: float = 0.0
     """Fail the run when a round has fewer than min_clients this long after opening
     (0 = the larger of three times ``timeout_s`` and 300 s, so slow starts survive)."""
 
-
-@dataclass(frozen=True)
-class DecryptRequest:
-    """Action: send this aggregate to the key holder."""
-
-    round: int
-    """Round number."""
-    aggregate: bytes
-    """Encoded :class:`~secure_xfl.crypto.envelope.EncryptedAggregate`."""
+    @property
+    def give_up_s(self) -> float:
+        """The effective give-up delay."""
+        return self.give_up_after_s or max(3 * self.timeout_s, 300.0)
 
 
-@dataclass
-class RoundRecord:
-    """What happened in one round (for reports)."""
-
-    round: int
-    opened_at: float
-    closed_at: float = 0.0
-    finished_at: float = 0.0
-    participants: tuple[str, ...] = ()
-    bytes_up: int = 0
-    bytes_down: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
+def propose_plan(
+    s: CoordinatorSettings,
+    *,
+    round: int,
+    model: Mapping[str, np.ndarray],
+    preset: CKKSPreset,
+    rule: str,
+    enrolled: int,
+    loss_ref: float | None = None,
+) -> RoundPlan:
+    """The plan an aggregator with settings ``s`` proposes for ``round`` over ``model``."""
+    quant = None
+    if preset.packed:
+        if s.weighting != "client":
+            raise TrainingError(f"preset {preset.name!r} needs client-side weighting")
+        if s.dp is None or s.dp.noise_multiplier <= 0:
+            raise TrainingError(f"preset {preset.name!r} needs client-level DP with σ > 0")
+        # Lane headroom for everyone enrolled now (at least the library default).
+        quant = QuantSpec.for_dp(s.dp, max_clients=max(8, enrolled))
+    torch_model = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in model.items()}
+    return RoundPlan(
+        run=s.run,
+        round=round,
+        model_digest=model_digest(model),
+        layout_digest=layout_of(torch_model).digest,
+        preset=preset.name,
+        rule=rule,
+        local=s.local,
+        dp=s.dp,
+        min_clients=s.min_clients,
+        weighting=s.weighting,
+        weight_cap=s.weight_cap,
+        quant=quant,
+        deadline_s=s.timeout_s,
+        max_staleness=s.max_staleness,
+        loss_ref=loss_ref,
+    )
 
 
 class Coordinator:
-    """Runs synchronous rounds over encrypted updates."""
+    """Runs synchronous (or buffered asynchronous) rounds over encrypted updates."""
 
     def __init__(
         self,
@@ -104,7 +146,7 @@ class Coordinator:
         preset: CKKSPreset,
         enrolled: Callable[[], Mapping[str, Any]],
         model: Mapping[str, np.ndarray],
-        rule: ServerRule,
+        rule: AggregationRule,
         now: float,
     ) -> None:
         self.settings = settings
@@ -123,28 +165,26 @@ class Coordinator:
         self.history: list[RoundRecord] = []
         self.throughputs: dict[str, float] = {}
         self.loss_ref: float | None = None
+        self.declined: dict[str, str] = {}  # client -> why it refused this round's plan
+        self._plans: dict[int, RoundPlan] = {}  # recent plans, for buffered async
         self._open(now)
 
     # -- state ---------------------------------------------------------------------------
-    def _quant(self) -> QuantSpec | None:
-        """Packed presets: the quantisation every client of this round must sign."""
-        if not self.preset.packed:
-            return None
-        a = self.settings.announce
-        if self.settings.weighting != "client":
-            raise TrainingError(f"preset {self.preset.name!r} needs client-side weighting")
-        dp = DPConfig(
-            clip_norm=float(a.get("clip_norm", 1.0)),
-            noise_multiplier=float(a.get("noise_multiplier", 0.0)),
-            min_clients=self.settings.min_clients,
-            delta=float(a.get("delta", 1e-5)),
-        )
-        # Lane headroom for everyone enrolled now (at least the library default).
-        return QuantSpec.for_dp(dp, max_clients=max(8, len(self.enrolled())))
-
     def _open(self, now: float) -> None:
         s = self.settings
-        self.quant = self._quant()
+        self.plan = propose_plan(
+            s,
+            round=self.round,
+            model=self.model(),
+            preset=self.preset,
+            rule=self.rule.name,
+            enrolled=len(self.enrolled()),
+            loss_ref=self.loss_ref,
+        )
+        quant = self.plan.quant
+        self._plans[self.round] = self.plan
+        for old in [r for r in self._plans if r < self.round - s.max_staleness]:
+            del self._plans[old]
         self.acc = Accumulator(
             ctx=self.ctx,
             preset=self.preset,
@@ -155,12 +195,13 @@ class Coordinator:
             key_for=lambda name: self.enrolled()[name],
             weighting=s.weighting,
             weight_scale=s.weight_cap if s.weighting == "aggregator" else 1.0,
-            quant=self.quant,
+            quant=quant,
         )
         self.record = RoundRecord(round=self.round, opened_at=now)
         self.announced_at: float | None = None
+        self.declined = {}
         self.phase = "collecting"
-        log.info("round %d open (run %s)", self.round, s.run)
+        log.info("round %d open (run %s, plan %s)", self.round, s.run, self.plan.digest.hex()[:12])
 
     def model(self) -> dict[str, np.ndarray]:
         """Current global parameters as named float32 arrays."""
@@ -182,43 +223,47 @@ class Coordinator:
             "round": self.round,
             "rounds": self.settings.rounds,
             "preset": self.preset.name,
+            "phase": self.phase,
         }
 
-    def task(self, peer: str, after: int, now: float | None = None) -> tuple[str, dict[str, Any]]:
-        """The round a client should work on next, ``wait`` or ``done``.
+    def task(self, peer: str, after: int, now: float | None = None) -> Offer | Wait | Finished:
+        """The round a client should work on next, :class:`Wait` or :class:`Finished`.
 
         The round's deadline runs from the first time it is handed to a client
         (``now``), not from when it opened: a cohort still starting up is not late.
         """
         self._check_peer(peer)
         if self.phase == "finished":
-            return "done", {"reason": self.outcome, "rounds": len(self.history), "ok": self.ok}
-        if self.phase != "collecting" or self.round <= after or peer in self.acc.clients:
-            return "wait", {"retry_s": 0.2}
-        s = self.settings
+            return Finished(ok=self.ok, reason=self.outcome, rounds=len(self.history))
+        if (
+            self.phase != "collecting"
+            or self.round <= after
+            or peer in self.acc.clients
+            or peer in self.declined
+        ):
+            return Wait(retry_s=0.2)
         if self.announced_at is None:
             self.announced_at = self.record.opened_at if now is None else now
-        model = self.model()
-        return "round", {
-            "run": s.run,
-            "round": self.round,
-            "layout": self.layout.digest,
-            "weighting": s.weighting,
-            "weight_cap": s.weight_cap,
-            "quant": None if self.quant is None else self.quant.to_wire(),
-            "timeout_s": s.timeout_s,
-            "settings": {
-                **s.announce,
-                "clients": sorted(self.enrolled()),
-                "throughputs": dict(self.throughputs),
-                "loss_ref": self.loss_ref,
-            },
-            "model": model,
-        }
+        hints = {"clients": sorted(self.enrolled()), "throughputs": dict(self.throughputs)}
+        return Offer(plan=self.plan, model=self.model(), hints=hints)
+
+    def _check_plan(self, update: ProtectedUpdate) -> None:
+        st = self.plan if not self.rule.buffered else self._plans.get(update.statement.base_round)
+        signed = update.statement
+        if st is None or signed.round - signed.base_round > self.settings.max_staleness:
+            raise PlanMismatch("too_stale", f"base round {signed.base_round} is not open")
+        if not self.rule.buffered and signed.base_round != signed.round:
+            raise PlanMismatch("plan_mismatch", "a synchronous update must train on its round")
+        if signed.plan_digest != st.digest:
+            raise PlanMismatch("plan_mismatch", f"{signed.client!r} signed another plan")
+        if signed.base_model_digest != st.model_digest:
+            raise PlanMismatch("plan_mismatch", f"{signed.client!r} trained another model")
+        if signed.dp != st.dp:
+            raise PlanMismatch("dp_mismatch", f"{signed.client!r} signed DP {signed.dp}")
 
     def upload(
         self, peer: str, round: int, blob: bytes, throughput: float | None = None
-    ) -> dict[str, Any]:
+    ) -> Accepted:
         """Verify and accumulate one protected update (atomic: all or nothing).
 
         ``throughput`` (samples/s, reported in plaintext) sizes dynamic partitions.
@@ -233,6 +278,8 @@ class Coordinator:
                 f"round {round} is not collecting (current {self.round}, {self.phase})"
             )
         update = ProtectedUpdate.decode(blob)
+        if update.statement.round == self.round:
+            self._check_plan(update)  # another round's update is the accumulator's refusal
         self.acc.add(update, peer=peer)
         self.record.bytes_up += len(blob)
         log.info(
@@ -242,23 +289,49 @@ class Coordinator:
             self.acc.count,
             len(self.enrolled()),
         )
-        return {"round": self.round, "accepted": True, "count": self.acc.count}
+        return Accepted(round=self.round, count=self.acc.count)
+
+    def decline(self, peer: str, round: int, reason: str, detail: str, now: float) -> None:
+        """A client's own policy refused this round's plan: record it, maybe end the run.
+
+        Once so many clients refused that ``min_clients`` can no longer be reached,
+        the run ends (not OK): no later round would be proposed differently.
+        """
+        self._check_peer(peer)
+        if round != self.round or self.phase != "collecting":
+            return
+        self.declined[peer] = f"{reason}: {detail}"
+        log.error("round %d: %s refused the plan: %s: %s", round, peer, reason, detail)
+        able = len(self.enrolled()) - len(self.declined)
+        if able < self.settings.min_clients:
+            why = "; ".join(f"{c}: {r}" for c, r in sorted(self.declined.items()))
+            self._finish(f"clients refused the plan of round {round} ({why})", now, ok=False)
 
     def note_download(self, nbytes: int) -> None:
         """Account bytes sent to clients (the adapter knows the encoded size)."""
         self.record.bytes_down += nbytes
 
     # -- clock and key holder ------------------------------------------------------------
-    def tick(self, now: float) -> DecryptRequest | None:
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timer` next has something to do (``None``: on input only)."""
+        if self.phase != "collecting":
+            return None
+        s = self.settings
+        give_up = self.record.opened_at + s.give_up_s
+        if self.announced_at is None:
+            return give_up
+        return min(self.announced_at + s.timeout_s, give_up)
+
+    def handle_timer(self, now: float) -> DecryptRequest | None:
         """Close the round when complete or past its deadline; maybe fail the run."""
         if self.phase != "collecting":
             return None
         s = self.settings
-        count, enrolled = self.acc.count, len(self.enrolled())
+        count, enrolled = self.acc.count, len(self.enrolled()) - len(self.declined)
         elapsed = now - self.record.opened_at
         # Buffered async releases a buffer as soon as it covers min_clients;
         # stragglers re-target the next buffer with a staleness discount.
-        wanted = s.min_clients if s.buffered else max(enrolled, s.min_clients)
+        wanted = s.min_clients if self.rule.buffered else max(enrolled, s.min_clients)
         complete = count >= wanted
         late = (
             self.announced_at is not None
@@ -276,8 +349,7 @@ class Coordinator:
                 " at the deadline" if late and not complete else "",
             )
             return DecryptRequest(self.round, self.acc.result().encode())
-        give_up = s.give_up_after_s or max(3 * s.timeout_s, 300.0)
-        if elapsed >= give_up:
+        if elapsed >= s.give_up_s:
             self._finish(
                 f"round {self.round} had {count} < min_clients {s.min_clients} uploads "
                 f"after {elapsed:.0f}s",
@@ -286,10 +358,15 @@ class Coordinator:
             )
         return None
 
+    tick = handle_timer  # the name the adapter and older tests use
+
     def decrypted(
         self, round: int, average: np.ndarray, info: Mapping[str, Any], now: float
-    ) -> None:
-        """The key holder's weighted average arrived: apply the rule, open the next round."""
+    ) -> RoundRecord:
+        """The key holder's weighted average arrived: apply the rule, open the next round.
+
+        Returns the finished round's record (the adapter logs and annotates it).
+        """
         if self.phase != "decrypting" or round != self.round:
             raise TrainingError(f"unexpected decryption result for round {round}")
         if average.shape != self.params.shape:
@@ -300,24 +377,35 @@ class Coordinator:
         ]
         if losses:
             self.loss_ref = min(losses)
-        self.record.finished_at = now
-        self.record.info = dict(info)
-        self.history.append(self.record)
+        record = self.record
+        record.finished_at = now
+        record.info = dict(info)
+        self.history.append(record)
         self.round += 1
         if self.round >= self.settings.rounds:
             self._finish("completed", now, ok=True)
         else:
             self._open(now)
+        return record
 
-    def decrypt_failed(self, round: int, error: SecureXFLError | str, now: float) -> None:
+    def annotate(self, round: int, metrics: Mapping[str, Any]) -> None:
+        """Attach evaluation metrics to a finished round's record."""
+        for rec in self.history:
+            if rec.round == round:
+                rec.info.update(metrics)
+
+    def decrypt_failed(
+        self, round: int, error: SecureXFLError | str, now: float, reason: str | None = None
+    ) -> None:
         """The key holder refused: end the run with its reason.
 
         Reaching the privacy budget is the expected, clean way for a DP run to
         stop early: the run ends successfully with the rounds released so far.
         """
         text = str(error)
-        self.record.info = {"refused": text}
-        if "budget_exceeded" in text:
+        reason = reason or getattr(error, "reason", None)
+        self.record.info = {"refused": text, "reason": reason}
+        if reason == "budget_exceeded" or (reason is None and "budget_exceeded" in text):
             self.budget_exhausted = True
             self._finish(
                 f"privacy budget reached: round {round} not released ({text}); "

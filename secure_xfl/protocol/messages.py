@@ -37,6 +37,7 @@ MESSAGE_TYPES = frozenset(
         "wait",
         "done",
         "upload",
+        "decline",
         "ack",
         "decrypt",
         "plain",

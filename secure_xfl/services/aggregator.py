@@ -19,17 +19,49 @@ from typing import Any
 import numpy as np
 
 from secure_xfl.crypto.context import check_context_matches, get_preset
+from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.pki import PeerIdentity
 from secure_xfl.errors import SecureXFLError
 from secure_xfl.kit import Kit
 from secure_xfl.protocol import messages
-from secure_xfl.protocol.coordinator import Coordinator, CoordinatorSettings, DecryptRequest
-from secure_xfl.protocol.rules import ServerRule
+from secure_xfl.protocol.coordinator import Coordinator, CoordinatorSettings
+from secure_xfl.protocol.events import DecryptRequest, Finished, RoundRecord, Wait
+from secure_xfl.protocol.plan import LocalTraining
+from secure_xfl.protocol.rules import make_rule
 from secure_xfl.services.runtime import Peer, install_stop_signals, parse_address, watch_crl
 from secure_xfl.transport.errors import RemoteError
 from secure_xfl.transport.rpc import RpcServer
 
 log = logging.getLogger("secure_xfl.aggregator")
+
+
+def coordinator_settings(kit: Kit) -> CoordinatorSettings:
+    """What this aggregator proposes, from its own kit (clients and key holder check it)."""
+    cfg = kit.config
+    rule, p = cfg.round.rule, cfg.privacy
+    return CoordinatorSettings(
+        run=cfg.federation.run,
+        rounds=cfg.federation.rounds,
+        min_clients=cfg.federation.min_clients,
+        timeout_s=cfg.round.timeout_s,
+        dp=DPSpec(
+            clip_norm=p.clip_norm,
+            noise_multiplier=p.noise_multiplier,
+            min_clients=cfg.federation.min_clients,
+            delta=p.delta,
+        ),
+        local=LocalTraining(
+            local_steps=cfg.round.local_steps,
+            local_lr=cfg.round.local_lr,
+            batch_size=cfg.round.batch_size,
+            fedprox_mu=cfg.round.fedprox_mu,
+        ),
+        weighting=cfg.round.weighting,
+        # e^{-L} weights are already ≤ 1; dividing them by a large cap would only
+        # amplify the CKKS error floor.
+        weight_cap=1.0 if rule == "dynamic" else cfg.round.effective_weight_cap,
+        max_staleness=cfg.round.max_staleness,
+    )
 
 
 class AggregatorService:
@@ -42,7 +74,6 @@ class AggregatorService:
         keyholder: str,
         model: dict[str, np.ndarray],
         out_dir: Path | None = None,
-        announce: dict[str, Any] | None = None,
         evaluator: Callable[[dict[str, np.ndarray]], dict[str, float]] | None = None,
     ) -> None:
         cfg = kit.config
@@ -52,36 +83,13 @@ class AggregatorService:
         ctx = kit.public_context()
         check_context_matches(ctx, self.preset)
         self._certs = kit.client_certificates()
-        rule = cfg.round.rule
-        settings = CoordinatorSettings(
-            run=cfg.federation.run,
-            rounds=cfg.federation.rounds,
-            min_clients=cfg.federation.min_clients,
-            timeout_s=cfg.round.timeout_s,
-            weighting=cfg.round.weighting,
-            # e^{-L} weights are already ≤ 1; dividing them by a large cap would only
-            # amplify the CKKS error floor.
-            weight_cap=1.0 if rule == "dynamic" else cfg.round.effective_weight_cap,
-            buffered=rule == "async",
-            announce={
-                "rule": rule,
-                "local_steps": cfg.round.local_steps,
-                "local_lr": cfg.round.local_lr,
-                "batch_size": cfg.round.batch_size,
-                "clip_norm": cfg.privacy.clip_norm,
-                "noise_multiplier": cfg.privacy.noise_multiplier,
-                "min_clients": cfg.federation.min_clients,
-                "delta": cfg.privacy.delta,
-                **(announce or {}),
-            },
-        )
         self.core = Coordinator(
-            settings,
+            coordinator_settings(kit),
             ctx=ctx,
             preset=self.preset,
             enrolled=self._enrolled,
             model=model,
-            rule=ServerRule(name=rule, lr=cfg.round.server_lr),
+            rule=make_rule(cfg.round.rule, lr=cfg.round.server_lr),
             now=time.monotonic(),
         )
         self.keyholder = Peer(
@@ -89,6 +97,7 @@ class AggregatorService:
         )
         self.out_dir = out_dir
         self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()  # an input arrived: the round may be due now
         self._done_seen: set[str] = set()
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +116,7 @@ class AggregatorService:
 
     # -- client requests ---------------------------------------------------------------
     async def handle(self, peer: PeerIdentity, data: bytes) -> bytes:
-        msg = messages.decode(data, expect={"hello", "task", "upload"})
+        msg = messages.decode(data, expect={"hello", "task", "upload", "decline"})
         name = peer.name
         if name not in self._certs:
             self.refresh_enrolment()  # a client added after start-up
@@ -115,21 +124,37 @@ class AggregatorService:
             if msg["t"] == "hello":
                 return messages.encode("welcome", **self.core.hello(name))
             if msg["t"] == "task":
-                after = messages.require(msg, "after", int, lo=-1, hi=2**31)
-                kind, fields = self.core.task(name, after, time.monotonic())
-                if kind == "done":
-                    self._done_seen.add(name)
-                if kind == "round":
-                    fields["model"] = messages.pack_tensors(fields["model"])
-                    reply = messages.encode(kind, **fields)
-                    self.core.note_download(len(reply))
-                    return reply
-                return messages.encode(kind, **fields)
+                return self._task(name, messages.require(msg, "after", int, lo=-1, hi=2**31))
             rnd = messages.require(msg, "round", int, lo=0, hi=2**31)
+            if msg["t"] == "decline":
+                reason = messages.require(msg, "reason", str)[:64]
+                detail = messages.require(msg, "detail", str)[:512]
+                self.core.decline(name, rnd, reason, detail, time.monotonic())
+                self._wake.set()
+                return messages.encode("ack", round=rnd, accepted=False)
             blob = messages.require(msg, "update", bytes)
             rate = messages.require(msg, "throughput", float, lo=0, hi=1e12, optional=True)
             ack = await asyncio.to_thread(self.core.upload, name, rnd, blob, rate)
-            return messages.encode("ack", **ack)
+            self._wake.set()
+            return messages.encode("ack", round=ack.round, accepted=True, count=ack.count)
+
+    def _task(self, name: str, after: int) -> bytes:
+        out = self.core.task(name, after, time.monotonic())
+        if isinstance(out, Finished):
+            self._done_seen.add(name)
+            return messages.encode("done", reason=out.reason, rounds=out.rounds, ok=out.ok)
+        if isinstance(out, Wait):
+            return messages.encode("wait", retry_s=out.retry_s)
+        reply = messages.encode(
+            "round",
+            round=out.plan.round,
+            plan=out.plan.to_wire(),
+            model=messages.pack_tensors(out.model),
+            hints=out.hints,
+        )
+        self.core.note_download(len(reply))
+        self._wake.set()  # the deadline now runs from this first hand-out
+        return reply
 
     # -- the round loop ----------------------------------------------------------------
     async def _decrypt(self, req: DecryptRequest) -> None:
@@ -146,17 +171,21 @@ class AggregatorService:
                 "total_weight": reply.get("total_weight"),
             }
             async with self._lock:
-                await asyncio.to_thread(core.decrypted, req.round, vec, info, time.monotonic())
+                now = time.monotonic()
+                record = await asyncio.to_thread(core.decrypted, req.round, vec, info, now)
                 if self.evaluator is not None:
                     metrics = await asyncio.to_thread(self.evaluator, core.model())
-                    core.history[-1].info.update(metrics)
-                self._log_round(core.history[-1])
+                    core.annotate(record.round, metrics)
+                self._log_round(record)
                 self._save_model(req.round + 1)
-        except (RemoteError, SecureXFLError) as exc:
+        except RemoteError as exc:
+            async with self._lock:
+                core.decrypt_failed(req.round, exc, time.monotonic(), reason=exc.reason)
+        except SecureXFLError as exc:
             async with self._lock:
                 core.decrypt_failed(req.round, exc, time.monotonic())
 
-    def _log_round(self, rec: Any) -> None:
+    def _log_round(self, rec: RoundRecord) -> None:
         line = {
             "round": rec.round,
             "participants": list(rec.participants),
@@ -176,18 +205,29 @@ class AggregatorService:
         params = self.core.params
         np.save(self.out_dir / f"global-{round}.npy", params, allow_pickle=False)
 
+    async def _sleep_until(self, deadline: float | None, stop: asyncio.Event) -> None:
+        """Sleep until the coordinator's next deadline, an input, or ``stop``."""
+        self._wake.clear()
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        waits = {asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())}
+        _, pending = await asyncio.wait(waits, timeout=timeout, return_when="FIRST_COMPLETED")
+        for task in pending:
+            task.cancel()
+
     async def run(self, stop: asyncio.Event, *, linger_s: float = 30.0) -> bool:
-        """Tick until the run finishes (or ``stop``); then let clients hear ``done``."""
+        """Drive the coordinator until the run finishes (or ``stop``); then let clients
+        hear ``done``."""
         core = self.core
         while not stop.is_set() and core.phase != "finished":
             async with self._lock:
-                req = core.tick(time.monotonic())
+                req = core.handle_timer(time.monotonic())
+                deadline = core.next_deadline()
             if req is not None:
                 await self._decrypt(req)
             else:
-                await asyncio.sleep(0.05)
-        deadline = time.monotonic() + linger_s
-        while not stop.is_set() and time.monotonic() < deadline:
+                await self._sleep_until(deadline, stop)
+        deadline_end = time.monotonic() + linger_s
+        while not stop.is_set() and time.monotonic() < deadline_end:
             if self._done_seen >= set(self._certs):
                 break
             await asyncio.sleep(0.1)
@@ -213,7 +253,6 @@ async def serve_aggregator(
     keyholder: str,
     model: dict[str, np.ndarray],
     out_dir: Path | None = None,
-    announce: dict[str, Any] | None = None,
     evaluator: Callable[[dict[str, np.ndarray]], dict[str, float]] | None = None,
     ready: Any = None,
 ) -> bool:
@@ -223,7 +262,6 @@ async def serve_aggregator(
         keyholder=keyholder,
         model=model,
         out_dir=out_dir,
-        announce=announce,
         evaluator=evaluator,
     )
     server = RpcServer(

@@ -1,8 +1,10 @@
-"""The client process: fetch a round, train locally, protect the update, upload it.
+"""The client process: a thin adapter that performs :class:`ClientRound`'s actions.
 
-The local training itself is a :class:`Trainer`; this module only moves
-messages. The protected update is clipped and noised (when the run's σ > 0),
-encrypted under the public context and signed with this client's certificate key.
+The state machine decides (accept or refuse a plan against this kit's own
+policy, which weight to sign, when to re-target); this module moves messages,
+runs the :class:`Trainer` in a worker thread, privatises with the DP spec the
+state machine accepted, encrypts under the public context and signs with this
+client's certificate key.
 """
 
 from __future__ import annotations
@@ -10,60 +12,55 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+import time
+from collections import deque
+from typing import Any
 
 import numpy as np
 import torch
 
-from secure_xfl.crypto.codec import TensorLayout, flatten, layout_of
+from secure_xfl.crypto.codec import flatten, layout_of
 from secure_xfl.crypto.context import check_context_matches, get_preset
-from secure_xfl.crypto.packing import QuantSpec
-from secure_xfl.crypto.protect import protect_vector
-from secure_xfl.errors import TrainingError
+from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.kit import Kit
-from secure_xfl.privacy.dp import DPConfig
+from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.protocol import messages
-from secure_xfl.protocol.rules import client_weight
+from secure_xfl.protocol.client import (
+    Action,
+    Call,
+    ClientRound,
+    Decline,
+    Done,
+    SealAndUpload,
+    Train,
+    Trained,
+)
+from secure_xfl.protocol.plan import ClientPolicy
 from secure_xfl.services.runtime import Peer, install_stop_signals
 from secure_xfl.training.trainer import Trainer
 from secure_xfl.transport.errors import RemoteError
 
 log = logging.getLogger("secure_xfl.client")
 
+#: Exit status of a client whose own policy refused the aggregator's plans.
+EXIT_REFUSED = 3
 
-def staleness_weight(staleness: int, exponent: float = 0.5) -> float:
-    """FedBuff-style polynomial discount (1 + τ)^-a for an update τ rounds old."""
-    return float((1 + max(staleness, 0)) ** -exponent)
-
-
-@dataclass(frozen=True)
-class _Pending:
-    """A trained update waiting to be sealed (possibly more than once in async runs)."""
-
-    run: str
-    base_round: int
-    vec: np.ndarray
-    layout: TensorLayout
-    weight: float
-    weighting: Literal["aggregator", "client"]
-    loss: float | None
-    settings: Mapping[str, Any]
-    throughput: float | None
-    quant: QuantSpec | None = None
+_EXPECT = {"hello": {"welcome"}, "task": {"round", "wait", "done"}, "decline": {"ack"}}
 
 
-def dp_config(settings: Mapping[str, Any]) -> DPConfig | None:
-    """The announced DP settings, or None when σ = 0 (DP off)."""
-    sigma = float(settings.get("noise_multiplier", 0.0))
-    if sigma <= 0:
-        return None
-    return DPConfig(
-        clip_norm=float(settings["clip_norm"]),
-        noise_multiplier=sigma,
-        min_clients=int(settings["min_clients"]),
-        delta=float(settings.get("delta", 1e-5)),
+def client_policy(kit: Kit) -> ClientPolicy:
+    """This kit's own privacy policy: the weakest plan it will train on."""
+    cfg = kit.config
+    p = cfg.privacy
+    return ClientPolicy(
+        run=cfg.federation.run,
+        dp=DPSpec(
+            clip_norm=p.clip_norm,
+            noise_multiplier=p.noise_multiplier,
+            min_clients=cfg.federation.min_clients,
+            delta=p.delta,
+        ),
+        min_clients=cfg.federation.min_clients,
     )
 
 
@@ -80,139 +77,145 @@ class ClientService:
         self.peer = Peer(
             tls=kit.tls, role="aggregator", address=aggregator, config=kit.config.transport
         )
-        self.rounds_done: list[int] = []
+        self.machine = ClientRound(self.name, client_policy(kit))
+        self.outcome: Done | None = None
+        self._vectors: dict[int, tuple[np.ndarray, Any]] = {}  # base round -> (vec, layout)
 
-    def _train(self, msg: Mapping[str, Any]) -> _Pending:
-        rnd = messages.require(msg, "round", int, lo=0, hi=2**31)
-        run = messages.require(msg, "run", str)
-        if run != self.kit.config.federation.run:
-            raise TrainingError(
-                f"aggregator announced run {run!r}, our kit is for "
-                f"{self.kit.config.federation.run!r}"
-            )
-        model = messages.unpack_tensors(msg.get("model"))
-        settings = messages.require(msg, "settings", dict)
-        weighting = messages.require(msg, "weighting", str)
-        cap = messages.require(msg, "weight_cap", float, lo=1e-12)
-        layout = layout_of({k: torch.from_numpy(v.copy()) for k, v in model.items()})
-        layout.check(messages.require(msg, "layout", bytes))
-        result = self.trainer.train(model, rnd, settings)
+    @property
+    def rounds_done(self) -> list[int]:
+        """Rounds whose upload was accepted."""
+        return self.machine.rounds_done
+
+    def _train(self, act: Train) -> Trained:
+        settings = {
+            "rule": act.plan.rule,
+            "local_steps": act.plan.local.local_steps,
+            "local_lr": act.plan.local.local_lr,
+            "batch_size": act.plan.local.batch_size,
+            "fedprox_mu": act.plan.local.fedprox_mu,
+            **act.hints,
+        }
+        torch_model = {k: torch.from_numpy(v.copy()) for k, v in act.model.items()}
+        layout = layout_of(torch_model)
+        if layout.digest != act.plan.layout_digest:
+            raise messages.ProtocolError("the model sent does not match the plan's layout")
+        result = self.trainer.train(act.model, act.plan.round, settings)
         upd = {k: torch.from_numpy(np.asarray(v)) for k, v in result.update.items()}
-        rule = str(settings.get("rule", "fedavg"))
-        ref = settings.get("loss_ref")
-        weight = client_weight(
-            rule, result.num_samples, result.loss, cap, None if ref is None else float(ref)
-        )
-        if weighting == "client" and rule != "dynamic":
-            weight = weight / cap
+        self._vectors = {act.plan.round: (flatten(upd, layout), layout)}
         rate = (result.metrics or {}).get("throughput")
-        log.info("round %d: trained on %d samples (loss %s)", rnd, result.num_samples, result.loss)
-        return _Pending(
-            run=run,
-            base_round=rnd,
-            vec=flatten(upd, layout),
-            layout=layout,
-            weight=weight,
-            weighting="client" if weighting == "client" else "aggregator",
-            loss=result.loss,
-            settings=settings,
-            throughput=None if rate is None else float(rate),
-            quant=None if msg.get("quant") is None else QuantSpec.from_wire(msg["quant"]),
+        log.info(
+            "round %d: trained on %d samples (loss %s)",
+            act.plan.round,
+            result.num_samples,
+            result.loss,
         )
+        return Trained(result.num_samples, result.loss, None if rate is None else float(rate))
 
-    def _seal(self, p: _Pending, round: int) -> bytes:
-        """Clip, noise, encrypt and sign for ``round``; stale async updates weigh less."""
-        staleness = round - p.base_round
+    def _seal(self, act: SealAndUpload) -> bytes:
+        """Clip, noise (fresh for every seal: only one copy is ever accepted), encrypt, sign."""
+        vec, layout = self._vectors[act.base_round]
+        plan = act.plan
         protected = protect_vector(
-            p.vec,
+            vec,
+            dp=act.dp,
+            weight=act.weight,
+            weighting=plan.weighting,
             ctx=self.ctx,
             preset=self.preset,
-            layout=p.layout,
-            run=p.run,
-            round=round,
+            layout=layout,
+            run=plan.run,
+            round=act.round,
             client=self.name,
             signing_key=self.kit.tls.private_key,
-            weight=p.weight * staleness_weight(staleness),
-            weighting=p.weighting,
-            loss=p.loss,
-            dp=dp_config(p.settings),  # fresh noise: only one sealed copy is ever accepted
-            quant=p.quant,
-            max_clients=p.quant.max_clients if p.quant else 8,
+            loss=act.loss,
+            quant=plan.quant,
+            max_clients=plan.quant.max_clients if plan.quant else 8,
+            plan_digest=plan.digest,
+            base_round=plan.round,
+            base_model_digest=plan.model_digest,
         )
         blob = protected.encode()
-        log.info("round %d: upload %.2f MB (staleness %d)", round, len(blob) / 1e6, staleness)
+        log.info(
+            "round %d: upload %.2f MB (staleness %d)",
+            act.round,
+            len(blob) / 1e6,
+            act.round - act.base_round,
+        )
         return blob
 
-    async def _upload(self, p: _Pending) -> None:
-        """Upload; in buffered-async runs re-target a newer round when ours closed."""
-        target = p.base_round
-        buffered = p.settings.get("rule") == "async"
-        max_stale = int(p.settings.get("max_staleness", 4))
-        while True:
-            blob = await asyncio.to_thread(self._seal, p, target)
+    async def _perform(self, act: Action) -> list[Action]:
+        m, now = self.machine, time.monotonic
+        if isinstance(act, Call):
+            reply = await self.peer.call(act.method, expect=_EXPECT[act.method], **act.fields)
+            return m.on_reply(reply["t"], reply, now())
+        if isinstance(act, Train):
+            return m.trained(await asyncio.to_thread(self._train, act))
+        if isinstance(act, SealAndUpload):
+            blob = await asyncio.to_thread(self._seal, act)
             try:
-                await self.peer.call(
+                reply = await self.peer.call(
                     "upload",
                     expect={"ack"},
-                    round=target,
+                    round=act.round,
                     update=blob,
-                    throughput=p.throughput,
+                    throughput=act.throughput,
                     timeout=600.0,
                 )
-                return
             except RemoteError as exc:
-                if exc.code not in ("duplicate_update", "round_closed"):
-                    raise
-                if not buffered or exc.code == "duplicate_update":
-                    log.warning("round %d upload not counted: %s", target, exc)
-                    return
-            newer, rounds = target, 0
-            for _ in range(150):  # the closed round may still be decrypting: ≤ 30 s
-                status = await self.peer.call("hello", expect={"welcome"})
-                newer, rounds = int(status.get("round", target)), int(status.get("rounds", 0))
-                if newer > target:
-                    break
-                await asyncio.sleep(0.2)
-            if newer <= target or newer >= rounds:
-                log.warning("round %d closed and no newer round is open; update dropped", target)
-                return
-            target = newer
-            if target - p.base_round > max_stale:
-                log.warning("update from round %d too stale; dropped", p.base_round)
-                return
+                return m.on_error(exc.code, exc.message, now())
+            return m.on_reply("ack", reply, now())
+        if isinstance(act, Decline):
+            reply = await self.peer.call(
+                "decline", expect={"ack"}, round=act.round, reason=act.reason, detail=act.detail
+            )
+            return m.on_reply("ack", reply, now())
+        self.outcome = act
+        return []
 
     async def run(self, stop: asyncio.Event) -> bool:
-        """Work rounds until the aggregator says ``done``; True when the run ended well."""
-        welcome = await self.peer.call("hello", expect={"welcome"})
-        log.info("joined run %s at round %s", welcome.get("run"), welcome.get("round"))
-        last = -1
+        """Perform actions until the run ends (or ``stop``); True when it ended well."""
+        queue: deque[Action] = deque(self.machine.start(time.monotonic()))
         try:
-            while not stop.is_set():
-                msg = await self.peer.call("task", expect={"round", "wait", "done"}, after=last)
-                if msg["t"] == "done":
-                    reason = str(msg.get("reason", ""))
-                    ok = msg.get("ok") is True
-                    (log.info if ok else log.error)("run finished: %s", reason)
-                    return ok
-                if msg["t"] == "wait":
-                    await asyncio.sleep(float(messages.require(msg, "retry_s", float, lo=0, hi=60)))
+            while not stop.is_set() and self.outcome is None:
+                if queue:
+                    queue.extend(await self._perform(queue.popleft()))
                     continue
-                pending = await asyncio.to_thread(self._train, msg)
-                await self._upload(pending)
-                last = pending.base_round
-                self.rounds_done.append(last)
-            return False
+                deadline = self.machine.next_deadline()
+                if deadline is None:
+                    break  # nothing to wait for: the machine is stuck; stop rather than hang
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), max(0.0, deadline - time.monotonic()))
+                queue.extend(self.machine.handle_timer(time.monotonic()))
+            if self.outcome is None:
+                return False
+            if self.outcome.refused:
+                log.error(
+                    "run finished: %s; this client refused the aggregator's plan (%s)",
+                    self.outcome.reason,
+                    "; ".join(self.machine.refusals),
+                )
+            else:
+                (log.info if self.outcome.ok else log.error)(
+                    "run finished: %s", self.outcome.reason
+                )
+            return self.outcome.ok
         finally:
             await self.peer.close()
 
 
-async def serve_client(kit: Kit, *, aggregator: str, trainer: Trainer) -> bool:
-    """Run one client until the run ends or SIGTERM."""
+def exit_status(service: ClientService, ok: bool) -> int:
+    """0: the run ended well; 3: this client's policy refused the plans; 1: otherwise."""
+    if service.outcome is not None and service.outcome.refused:
+        return EXIT_REFUSED
+    return 0 if ok else 1
+
+
+async def serve_client(kit: Kit, *, aggregator: str, trainer: Trainer) -> int:
+    """Run one client until the run ends or SIGTERM; returns its exit status."""
     stop = asyncio.Event()
     install_stop_signals(stop)
-    work = asyncio.ensure_future(
-        ClientService(kit, aggregator=aggregator, trainer=trainer).run(stop)
-    )
+    service = ClientService(kit, aggregator=aggregator, trainer=trainer)
+    work = asyncio.ensure_future(service.run(stop))
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if not work.done():
@@ -224,6 +227,6 @@ async def serve_client(kit: Kit, *, aggregator: str, trainer: Trainer) -> bool:
             with contextlib.suppress(asyncio.CancelledError):
                 await work
             log.info("stopped by signal")
-            return False
+            return 1
     stopped.cancel()
-    return work.result()
+    return exit_status(service, work.result())

@@ -13,7 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import msgpack
+from cryptography.hazmat.primitives import serialization
+
 from secure_xfl.crypto.context import check_context_matches, get_preset
+from secure_xfl.crypto.dpspec import DPSpec
+from secure_xfl.crypto.envelope import SignedStatement
 from secure_xfl.crypto.errors import DecryptionRefused
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy, Release
 from secure_xfl.crypto.pki import PeerIdentity
@@ -21,12 +26,31 @@ from secure_xfl.kit import Kit
 from secure_xfl.privacy.accountant import epsilon
 from secure_xfl.privacy.ledger import PrivacyLedger
 from secure_xfl.protocol import messages
+from secure_xfl.protocol.rules import make_rule
 from secure_xfl.services.runtime import install_stop_signals, parse_address, watch_crl
 from secure_xfl.transport.rpc import RpcServer
 
 log = logging.getLogger("secure_xfl.keyholder")
 
 LEDGER_FILE = "ledger.jsonl"
+
+
+def keyholder_policy(kit: Kit) -> KeyHolderPolicy:
+    """This key holder's own policy, from its own kit: nothing the aggregator sends counts."""
+    cfg = kit.config
+    p = cfg.privacy
+    return KeyHolderPolicy(
+        run=cfg.federation.run,
+        min_clients=cfg.federation.min_clients,
+        dp=DPSpec(
+            clip_norm=p.clip_norm,
+            noise_multiplier=p.noise_multiplier,
+            min_clients=cfg.federation.min_clients,
+            delta=p.delta,
+        ),
+        buffered=make_rule(cfg.round.rule).buffered,
+        max_staleness=cfg.round.max_staleness,
+    )
 
 
 class KeyHolderService:
@@ -45,11 +69,7 @@ class KeyHolderService:
         self.holder = KeyHolder(
             ctx=ctx,
             preset=self.preset,
-            policy=KeyHolderPolicy(
-                run=cfg.federation.run,
-                min_clients=cfg.federation.min_clients,
-                noise_multiplier=cfg.privacy.noise_multiplier,
-            ),
+            policy=keyholder_policy(kit),
             client_keys=kit.client_certificates(),
             state_dir=self.state_dir,
             before_release=self._check_budget,
@@ -115,13 +135,25 @@ class KeyHolderService:
             round=release.round,
             participants=list(release.participants),
             enrolled=max(len(self.holder.client_keys), len(release.participants)),
-            clip_norm=p.clip_norm,
+            clip_norm=release.clip_norm,
             noise_multiplier=release.noise_multiplier,
             sample_rate=rate,
-            delta=p.delta,
+            delta=p.delta if release.delta is None else release.delta,
             rule=self.rule,
             epsilon=eps,
+            statements=[self._statement_record(s) for s in release.statements],
+            weight_scale=release.weight_scale,
         )
+
+    def _statement_record(self, signed: SignedStatement) -> dict[str, str]:
+        """A participant's signed statement and certificate, so the audit can check them."""
+        name = signed.statement.client
+        cert = self.holder.client_keys[name]
+        return {
+            "client": name,
+            "signed": msgpack.packb(signed.to_wire(), use_bin_type=True).hex(),
+            "cert": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+        }
 
     # -- requests ----------------------------------------------------------------------
     async def handle(self, peer: PeerIdentity, data: bytes) -> bytes:

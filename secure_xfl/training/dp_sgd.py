@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from secure_xfl.crypto.dpspec import DEFAULT_DELTA
 from secure_xfl.errors import TrainingError
 from secure_xfl.training.data import Blocks
 
@@ -49,7 +50,7 @@ class DPSGDConfig:
     """σ: Gaussian noise std as a multiple of ``max_grad_norm`` per step."""
     max_grad_norm: float
     """Per-sample gradient clipping bound C."""
-    delta: float = 1e-5
+    delta: float = DEFAULT_DELTA
     """δ at which the record-level ε is reported."""
 
     def __post_init__(self) -> None:
@@ -71,7 +72,7 @@ class DPSGDConfig:
             return cls(
                 noise_multiplier=float(value["noise_multiplier"]),
                 max_grad_norm=float(value["max_grad_norm"]),
-                delta=float(value.get("delta", 1e-5)),
+                delta=float(value.get("delta", DEFAULT_DELTA)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DPSGDError(f"bad dp_sgd settings {dict(value)!r}: {exc}") from exc

@@ -9,7 +9,7 @@ from functools import cached_property
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from secure_xfl.crypto import pki
+from secure_xfl.crypto import pem, pki
 from secure_xfl.errors import ConfigError
 
 __all__ = ["ALPN", "MAX_DATAGRAM_SIZE", "TlsIdentity", "TransportConfig"]
@@ -120,13 +120,13 @@ class TlsIdentity:
         """The leaf certificate, loaded."""
         if isinstance(self.cert, x509.Certificate):
             return self.cert
-        return pki.load_certificate(self.cert)
+        return pem.load_certificate(self.cert)
 
     @cached_property
     def private_key(self) -> pki.PrivateKey:
         """The private key, loaded and checked to match the certificate."""
         if isinstance(self.key, str | os.PathLike):
-            loaded = pki.load_private_key(self.key)
+            loaded = pem.load_private_key(self.key)
         else:
             loaded = self.key
         fmt = serialization.PublicFormat.SubjectPublicKeyInfo
@@ -142,7 +142,7 @@ class TlsIdentity:
         """The federation CA certificate, loaded."""
         if isinstance(self.ca_cert, x509.Certificate):
             return self.ca_cert
-        return pki.load_certificate(self.ca_cert)
+        return pem.load_certificate(self.ca_cert)
 
     @cached_property
     def identity(self) -> pki.PeerIdentity:
@@ -152,5 +152,5 @@ class TlsIdentity:
     def load_crl(self) -> x509.CertificateRevocationList | None:
         """Read the CRL now (from ``crl_path`` if set, else the ``crl`` object)."""
         if self.crl_path is not None:
-            return pki.load_crl(self.crl_path)
+            return pem.load_crl(self.crl_path)
         return self.crl

@@ -65,13 +65,15 @@ class StreamReset(TransportError):
 
 
 class RemoteError(TransportError):
-    """The remote handler replied with an error; ``code`` is the remote error code."""
+    """The remote handler replied with an error; ``code`` is the remote error code and
+    ``reason`` the refusal rule when the remote named one (e.g. ``noise_too_low``)."""
 
     code = "remote"
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, reason: str | None = None) -> None:
         self.code = code
         self.message = message
+        self.reason = reason
         super().__init__(f"{code}: {message}")
 
 

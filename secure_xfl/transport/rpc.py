@@ -47,9 +47,16 @@ server_log = logging.getLogger("secure_xfl.transport.rpc.server")
 client_log = logging.getLogger("secure_xfl.transport.rpc.client")
 
 
-def encode_error(code: str, message: str) -> bytes:
-    """Error reply: status byte 1 + msgpack {"code", "message"} (both truncated)."""
-    body: bytes = msgpack.packb({"code": code[:64], "message": message[:4096]})
+def encode_error(code: str, message: str, reason: str | None = None) -> bytes:
+    """Error reply: status byte 1 + msgpack {"code", "message"[, "reason"]} (truncated).
+
+    ``reason`` is the machine-readable refusal (e.g. a key-holder policy rule), so a
+    caller can act on it without parsing ``message``.
+    """
+    fields = {"code": code[:64], "message": message[:4096]}
+    if reason:
+        fields["reason"] = reason[:64]
+    body: bytes = msgpack.packb(fields)
     return bytes([STATUS_ERROR]) + body
 
 
@@ -64,9 +71,11 @@ def decode_response(data: bytes) -> bytes:
         try:
             body = msgpack.unpackb(data[1:], raw=False)
             return_code, message = str(body["code"]), str(body["message"])
+            reason = body.get("reason")
+            reason = None if reason is None else str(reason)[:64]
         except Exception as exc:  # any malformed body is the peer's protocol error
             raise TransportError("malformed error reply") from exc
-        raise RemoteError(return_code, message)
+        raise RemoteError(return_code, message, reason)
     raise TransportError(f"invalid response status byte {status}")
 
 
@@ -174,7 +183,8 @@ class _ServerProtocol(MessageProtocol):
             raise
         except SecureXFLError as exc:
             self.log.info("[peer=%s] handler refused request: %s (%s)", peer, exc, exc.code)
-            reply = [encode_error(exc.code, str(exc))]
+            reason = getattr(exc, "reason", None)
+            reply = [encode_error(exc.code, str(exc), reason if isinstance(reason, str) else None)]
         except Exception:
             self.log.exception("[peer=%s] handler crashed on stream %d", peer, stream_id)
             reply = [encode_error("internal", "internal server error")]

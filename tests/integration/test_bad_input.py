@@ -18,7 +18,7 @@ import torch
 
 from secure_xfl.crypto.codec import layout_of
 from secure_xfl.crypto.context import get_preset
-from secure_xfl.crypto.protect import protect_vector
+from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.errors import TransportError
 from secure_xfl.kit import Kit
 from secure_xfl.protocol import messages

@@ -22,10 +22,15 @@ import torch
 from secure_xfl.crypto.aggregate import Accumulator
 from secure_xfl.crypto.codec import TensorLayout, layout_of
 from secure_xfl.crypto.context import get_preset
+from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.envelope import EncryptedAggregate, ProtectedUpdate
-from secure_xfl.crypto.protect import protect_vector
 from secure_xfl.errors import TransportError
 from secure_xfl.kit import Kit
+from secure_xfl.privacy.protect import protect_vector
+from secure_xfl.protocol.coordinator import propose_plan
+from secure_xfl.protocol.plan import RoundPlan
+from secure_xfl.services.aggregator import coordinator_settings
+from secure_xfl.services.client import client_policy
 from secure_xfl.training.trainer import RandomTrainer
 from secure_xfl.transport.errors import RemoteError
 from secure_xfl.transport.rpc import RpcClient
@@ -102,15 +107,22 @@ def protect_as(
     client: str | None = None,
     signing_key: Any = None,
     weight: float | None = None,
+    plan: RoundPlan | None = None,
+    dp: DPSpec | bool | None = True,
 ) -> ProtectedUpdate:
-    """A real protected update, as the kit's client process would make it: encrypted
-    under the public context, weighted per the run's ``round.weighting``, signed."""
+    """A real protected update, as the kit's client process would make it: noised with
+    the DP its own kit demands (``dp=True``; or the given spec), encrypted under the
+    public context, weighted per the run's ``round.weighting``, signed over ``plan``
+    (default: the plan the aggregator process proposes for ``rnd`` over ``model``)."""
     name = client or kit.config.party.name
     weighting = kit.config.round.weighting
     if weight is None:
         weight = float(RandomTrainer.samples_for(name))
         if weighting == "client":
             weight /= WEIGHT_CAP
+    if plan is None:
+        plan = aggregator_plan(kit, rnd, model)
+    spec = client_policy(kit).dp if dp is True else (dp or None)
     return protect_vector(
         vec,
         ctx=kit.public_context(),
@@ -122,6 +134,22 @@ def protect_as(
         signing_key=signing_key or kit.tls.private_key,
         weight=float(weight),
         weighting=weighting,
+        dp=spec,
+        plan_digest=plan.digest,
+        base_model_digest=plan.model_digest,
+    )
+
+
+def aggregator_plan(kit: Kit, rnd: int, model: dict[str, np.ndarray]) -> RoundPlan:
+    """The plan the aggregator process of ``kit``'s federation proposes (same config)."""
+    cfg = kit.config
+    return propose_plan(
+        coordinator_settings(kit),
+        round=rnd,
+        model=model,
+        preset=get_preset(cfg.federation.preset),
+        rule=cfg.round.rule,
+        enrolled=len(kit.client_certificates()) if (kit.path / "clients").exists() else 3,
     )
 
 

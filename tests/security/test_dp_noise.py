@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from secure_xfl.crypto import pki
+from secure_xfl.crypto import pem
 from secure_xfl.kit import Kit
 from secure_xfl.privacy.ledger import read_ledger
 from secure_xfl.services.keyholder import LEDGER_FILE
@@ -59,7 +59,7 @@ def test_released_noise_is_at_least_the_ledgers_sigma(tmp_path: Path) -> None:
     sensitivity = CLIP * w.max() / w.sum()
     measured = float(noise.std()) / sensitivity
     kh = root / "keyholder"
-    (entry,) = read_ledger(kh / "state" / LEDGER_FILE, pki.load_certificate(kh / "cert.pem"))
+    (entry,) = read_ledger(kh / "state" / LEDGER_FILE, pem.load_certificate(kh / "cert.pem"))
     assumed = float(entry["noise_multiplier"])
     weighting = Kit.load(root / "aggregator").config.round.weighting
     # Expected std of the released average under the distributed-noise model.

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from secure_xfl.crypto import pki
+from secure_xfl.crypto import pem, pki
 from secure_xfl.crypto.envelope import (
     EncryptedAggregate,
     ProtectedUpdate,
@@ -205,7 +205,7 @@ def test_keyholder_refuses_everything_but_one_aggregate_per_round(tmp_path: Path
         assert live.run(live.call_once(agg_kit, "keyholder", port, _decrypt_msg(r1))).ok
 
     kh = root / "keyholder"
-    entries = read_ledger(kh / "state" / LEDGER_FILE, pki.load_certificate(kh / "cert.pem"))
+    entries = read_ledger(kh / "state" / LEDGER_FILE, pem.load_certificate(kh / "cert.pem"))
     assert [(e["run"], e["round"]) for e in entries] == [(run_id, 0), (run_id, 1)]
     print(f"\nkey-holder refusals: {seen}")
 

@@ -25,7 +25,7 @@ from aioquic.quic.packet import QuicErrorCode
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from secure_xfl.crypto import pki
+from secure_xfl.crypto import pem, pki
 from secure_xfl.transport import ALPN, HandshakeFailed, RpcClient, RpcServer, TlsIdentity
 
 pytestmark = pytest.mark.timeout(30)
@@ -175,7 +175,7 @@ def test_revoked_certificate_is_refused_after_crl_reload(fed: Any, h: Any, tmp_p
     """§2: "a revoked certificate is refused"; RpcServer.reload_crl applies a new CRL to
     new handshakes without a restart."""
     crl_path = tmp_path / "crl.pem"
-    pki.write_crl(crl_path, pki.build_crl(fed.ca, fed.ca_key, []))
+    pem.write_crl(crl_path, pki.build_crl(fed.ca, fed.ca_key, []))
     server_tls = fed.identity("aggregator", "agg", crl_path=crl_path)
     doomed = fed.identity("client", "doomed")
 
@@ -183,7 +183,7 @@ def test_revoked_certificate_is_refused_after_crl_reload(fed: Any, h: Any, tmp_p
         await h.honest_call(doomed, port)  # not yet revoked
         assert len(handler.calls) == 1
         serial = doomed.certificate.serial_number
-        pki.write_crl(crl_path, pki.build_crl(fed.ca, fed.ca_key, [serial]))
+        pem.write_crl(crl_path, pki.build_crl(fed.ca, fed.ca_key, [serial]))
         server.reload_crl()
         message = await _refused(doomed, port, h)
         assert "revoked" in message or "0x12c" in message
@@ -200,7 +200,7 @@ def test_crl_signed_by_another_ca_fails_closed(
     """§2 revocation must be trustworthy: a CRL not signed by the run's CA is not trusted,
     and the server refuses peers rather than skip revocation checks."""
     crl_path = tmp_path / "crl.pem"
-    pki.write_crl(crl_path, pki.build_crl(other_fed.ca, other_fed.ca_key, []))
+    pem.write_crl(crl_path, pki.build_crl(other_fed.ca, other_fed.ca_key, []))
     server_tls = fed.identity("aggregator", "agg", crl_path=crl_path)
 
     async def body(server: RpcServer, port: int, handler: Any) -> None:

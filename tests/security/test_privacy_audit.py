@@ -31,7 +31,7 @@ from secure_xfl.crypto.aggregate import Accumulator
 from secure_xfl.crypto.codec import layout_of
 from secure_xfl.crypto.context import get_preset
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy
-from secure_xfl.crypto.protect import protect_vector
+from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.experiments import attacks
 from secure_xfl.experiments.canary import federated_canary_run, make_canary
 from secure_xfl.privacy.dp import DPConfig

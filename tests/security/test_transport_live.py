@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from secure_xfl.crypto import pki
+from secure_xfl.crypto import pem, pki
 from secure_xfl.kit import Kit
 from secure_xfl.transport import HandshakeFailed, RpcClient, RpcServer, TlsIdentity, messages
 from tests.federation import CLI, Federation, federation
@@ -57,8 +57,8 @@ async def _handshake(tls: TlsIdentity, role: str, port: int, kit: Kit) -> str:
 def _identity_from_ca(root: Path, role: str, name: str, **issue: Any) -> TlsIdentity:
     """A certificate the federation's own CA issued (what a provisioner mistake or a
     stolen old kit would give an attacker)."""
-    ca = pki.load_certificate(root / "ca" / "ca.pem")
-    ca_key = pki.load_private_key(root / "ca" / "ca-key.pem")
+    ca = pem.load_certificate(root / "ca" / "ca.pem")
+    ca_key = pem.load_private_key(root / "ca" / "ca-key.pem")
     fed_name = Kit.load(root / "aggregator").config.federation.name
     cert, key = pki.issue_certificate(
         ca,
@@ -77,7 +77,7 @@ def _foreign_identity(root: Path, role: str, name: str) -> TlsIdentity:
     return TlsIdentity(
         cert=cert,
         key=key,
-        ca_cert=pki.load_certificate(root / "ca" / "ca.pem"),
+        ca_cert=pem.load_certificate(root / "ca" / "ca.pem"),
         federation=fed_name,
     )
 

@@ -11,7 +11,7 @@ from secure_xfl.crypto.aggregate import Accumulator
 from secure_xfl.crypto.codec import TensorLayout, layout_of
 from secure_xfl.crypto.context import get_preset
 from secure_xfl.crypto.envelope import ProtectedUpdate, Weighting
-from secure_xfl.crypto.protect import protect_vector
+from secure_xfl.privacy.protect import protect_vector
 from tests.conftest import contexts
 
 RUN = "run-1"
@@ -31,6 +31,7 @@ def make_update(
     weight: float = 1.0,
     weighting: Weighting = "aggregator",
     run: str = RUN,
+    **kw: Any,
 ) -> ProtectedUpdate:
     _, public = contexts(preset)
     return protect_vector(
@@ -44,6 +45,7 @@ def make_update(
         signing_key=key,
         weight=weight,
         weighting=weighting,
+        **kw,
     )
 
 

@@ -1,4 +1,8 @@
-"""Audit: exit codes for every tampering form, budgets, claims, per-client ε, CLI."""
+"""Audit: exit codes for every tampering form, budgets, claims, per-client ε, CLI.
+
+These ledgers carry no signed client statements (older key holders); the
+audit of statements against a federation CA is in test_ledger_statements.py.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,14 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from secure_xfl.cli import main as cli_main
+from secure_xfl.crypto.dpspec import DEFAULT_DELTA
 from secure_xfl.privacy.accountant import epsilon, epsilon_for
-from secure_xfl.privacy.audit import AuditError, audit, main
+from secure_xfl.privacy.audit import AuditError, audit
 from secure_xfl.privacy.ledger import PrivacyLedger, canonical_bytes
 
 SIGMA = 1.2
-DELTA = 1e-5
+DELTA = DEFAULT_DELTA
 # Round r's participants out of 4 enrolled; client "d" skips rounds 1 and 3.
 COHORTS = [["a", "b", "c", "d"], ["a", "b", "c"], ["a", "b", "c", "d"], ["a", "b", "c"]]
 
@@ -218,7 +224,7 @@ def _not_json(path: Path) -> None:
 
 def _huge(path: Path) -> None:
     with open(path, "r+b") as fh:
-        fh.truncate(65 * 1024 * 1024)
+        fh.truncate(1024 * 1024 * 1024 + 1)  # sparse: costs no disk
 
 
 def _truncate_bytes(path: Path) -> None:
@@ -272,14 +278,51 @@ def test_to_json_and_table(ledger_path: Path, pub_pem: Path) -> None:
     assert "federation" in table and "status: OK" in table and "d " in table
 
 
+def main(argv: list[str]) -> int:
+    return cli_main(["audit", *argv])
+
+
 def test_cli(ledger_path: Path, pub_pem: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(ledger_path), "--cert", str(pub_pem), "--no-prv"]) == 0
-    assert "federation" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "federation" in captured.out
+    # No CA beside the ledger: audited anyway, with a warning that says what was not checked.
+    assert "warning" in captured.err and "federation CA" in captured.err
     assert main([str(ledger_path), "--cert", str(pub_pem), "--json", "--budget", "0.5"]) == 1
-    out = json.loads(capsys.readouterr().out)
+    out = json.loads(capsys.readouterr().out)  # the warning goes to stderr, JSON stays clean
     assert out["exit_code"] == 1 and not out["ok"]
     assert main([str(ledger_path), "--cert", str(pub_pem), "--delta", "2"]) == 2
     assert main([str(ledger_path)]) == 2  # --cert missing
+    assert main(["--bogus"]) == 2
     assert main(["--help"]) == 0
+    assert "--ca" in capsys.readouterr().out
     _delete_middle(ledger_path)
     assert main([str(ledger_path), "--cert", str(pub_pem), "--json"]) == 2
+
+
+def test_cli_finds_the_kits_certificate_and_ca(
+    tmp_path: Path, key: ec.EllipticCurvePrivateKey, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # KIT/state/ledger.jsonl: the key holder's cert.pem and ca.pem are in KIT.
+    from secure_xfl.crypto import pki
+
+    ca_cert, ca_key = pki.create_ca("fed")
+    (tmp_path / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    kh_cert, kh_key = pki.issue_certificate(
+        ca_cert, ca_key, pki.PeerIdentity("fed", "keyholder", "kh")
+    )
+    (tmp_path / "cert.pem").write_bytes(kh_cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "state").mkdir()
+    with PrivacyLedger(tmp_path / "state" / "ledger.jsonl", kh_key) as ledger:
+        _append(ledger, "run-1", 0, COHORTS[0])
+    # Found the CA, so the key holder's word on σ no longer suffices: exit 1.
+    assert main([str(tmp_path / "state" / "ledger.jsonl"), "--json", "--no-prv"]) == 1
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["signer"] == "spiffe://fed/keyholder/kh" and "warning" not in captured.err
+    assert any("no signed client statements" in p for p in out["problems"])
+    # Another CA given explicitly: the signer is not the federation's key holder.
+    other, _ = pki.create_ca("fed")
+    (tmp_path / "other.pem").write_bytes(other.public_bytes(serialization.Encoding.PEM))
+    ledger_file = str(tmp_path / "state" / "ledger.jsonl")
+    assert main([ledger_file, "--ca", str(tmp_path / "other.pem"), "--no-prv"]) == 2

@@ -14,13 +14,15 @@ from secure_xfl.crypto.codec import flatten, layout_of
 from secure_xfl.crypto.context import get_preset
 from secure_xfl.crypto.errors import DuplicateUpdate
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy
-from secure_xfl.crypto.protect import protect_vector
+from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.protocol.coordinator import (
     Coordinator,
     CoordinatorSettings,
     NotEnrolled,
     RoundClosed,
 )
+from secure_xfl.protocol.events import Finished, Offer, Wait
+from secure_xfl.protocol.plan import model_digest
 from secure_xfl.protocol.rules import ServerRule
 from tests.conftest import contexts
 
@@ -45,23 +47,26 @@ def make(min_clients: int = 2, rounds: int = 2, timeout: float = 10.0) -> Coordi
 
 
 def upload(core: Coordinator, name: str, value: float, weight: float = 1.0) -> bytes:
-    kind, task = core.task(name, after=core.round - 1)
-    assert kind == "round"
+    offer = core.task(name, after=core.round - 1)
+    assert isinstance(offer, Offer)
     _, public = contexts()
-    layout = layout_of({k: torch.from_numpy(v) for k, v in task["model"].items()})
+    layout = layout_of({k: torch.from_numpy(v) for k, v in offer.model.items()})
     vec = np.full(NUMEL, value)
+    plan = offer.plan
     blob = protect_vector(
         vec,
         ctx=public,
         preset=get_preset("xfl-default"),
         layout=layout,
         run="r",
-        round=task["round"],
+        round=plan.round,
         client=name,
         signing_key=KEYS[name],
         weight=weight,
+        plan_digest=plan.digest,
+        base_model_digest=plan.model_digest,
     ).encode()
-    core.upload(name, task["round"], blob)
+    core.upload(name, plan.round, blob)
     return blob
 
 
@@ -95,7 +100,7 @@ def test_full_run_in_memory(tmp_path: Path) -> None:
         upload(core, name, 1.0)
     finish_round(core, kh, 2.0)
     assert core.phase == "finished" and core.ok
-    assert core.task("a", after=1) == ("done", {"reason": "completed", "rounds": 2, "ok": True})
+    assert core.task("a", after=1) == Finished(ok=True, reason="completed", rounds=2)
     assert np.allclose(core.params, 9 / 4 + 1, atol=1e-3)
 
 
@@ -123,7 +128,7 @@ def test_duplicate_upload_is_refused_and_nothing_lost(tmp_path: Path) -> None:
     blob = upload(core, "a", 1.0)
     with pytest.raises(DuplicateUpdate):
         core.upload("a", 0, blob)
-    assert core.task("a", after=-1)[0] == "wait"  # already contributed this round
+    assert isinstance(core.task("a", after=-1), Wait)  # already contributed this round
     upload(core, "b", 3.0)
     upload(core, "c", 5.0)
     finish_round(core, kh, 1.0)
@@ -170,7 +175,7 @@ def test_key_holder_refusal_ends_the_run_cleanly() -> None:
     assert req is not None
     core.decrypt_failed(req.round, "bad_signature: a", 2.0)
     assert core.phase == "finished" and not core.ok and "bad_signature" in core.outcome
-    assert core.task("a", after=0)[0] == "done"
+    assert isinstance(core.task("a", after=0), Finished)
 
 
 def test_budget_refusal_is_a_clean_early_end() -> None:
@@ -185,10 +190,11 @@ def test_budget_refusal_is_a_clean_early_end() -> None:
 
 def test_task_carries_the_current_model() -> None:
     core = make()
-    kind, task = core.task("a", after=-1)
-    assert kind == "round" and task["round"] == 0
-    assert task["layout"] == layout_of({"w": torch.zeros(NUMEL)}).digest
+    offer = core.task("a", after=-1)
+    assert isinstance(offer, Offer) and offer.plan.round == 0
+    assert offer.plan.layout_digest == layout_of({"w": torch.zeros(NUMEL)}).digest
+    assert offer.plan.model_digest == model_digest(offer.model)
     assert np.array_equal(
-        flatten({"w": torch.from_numpy(task["model"]["w"])}, layout_of({"w": torch.zeros(NUMEL)})),
+        flatten({"w": torch.from_numpy(offer.model["w"])}, layout_of({"w": torch.zeros(NUMEL)})),
         np.zeros(NUMEL),
     )

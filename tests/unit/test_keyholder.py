@@ -10,6 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from secure_xfl.crypto.context import get_preset
+from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.envelope import EncryptedAggregate, SignedStatement
 from secure_xfl.crypto.errors import DecryptionRefused
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy, Release
@@ -164,5 +165,67 @@ def test_effective_noise_and_min_noise_policy(tmp_path: Path) -> None:
     assert effective_noise(1.0, 3, (1.0, 1.0, 1.0)) == pytest.approx(1.0)
     assert effective_noise(1.0, 3, (1.0,) * 12) == pytest.approx(2.0)
     assert effective_noise(1.0, 3, (1.0, 0.1, 0.1)) < 1.0
-    kh = holder(tmp_path, noise_multiplier=1.0, min_effective_noise=1.5)
-    assert refused(kh, AGG) == "noise_too_low"
+    kh = holder(tmp_path, dp=DP_SPEC, min_effective_noise=1.5)
+    assert refused(kh, noised_aggregate()) == "noise_too_low"
+
+
+DP_SPEC = DPSpec(clip_norm=1.0, noise_multiplier=1.0, min_clients=3)
+
+
+def noised_aggregate(
+    specs: dict[str, DPSpec | None] | None = None,
+    plans: dict[str, bytes] | None = None,
+    n: int = 3,
+) -> EncryptedAggregate:
+    acc = make_accumulator(KEYS, 10)
+    for i in range(n):
+        c = f"c{i}"
+        dp = (specs or {}).get(c, DP_SPEC)
+        extra = {"plan_digest": plans[c]} if plans and c in plans else {}
+        acc.add(make_update(KEYS[c], c, np.full(10, 0.01 * i), dp=dp, **extra))
+    return acc.result()
+
+
+def test_sigma_eff_comes_from_what_clients_signed(tmp_path: Path) -> None:
+    kh = holder(tmp_path, dp=DP_SPEC)
+    strong = DPSpec(clip_norm=0.5, noise_multiplier=2.0, min_clients=3)
+    rel = kh.check(noised_aggregate({c: strong for c in ("c0", "c1", "c2")}))
+    # sensitivity is the signed clip (0.5), noise std 2·0.5/√3 per client, 3 clients
+    assert rel.clip_norm == pytest.approx(0.5)
+    assert rel.noise_multiplier == pytest.approx(2.0)
+    assert [s.statement.dp for s in rel.statements] == [strong] * 3
+
+
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        (None, "signed no DP"),
+        (DPSpec(clip_norm=1.0, noise_multiplier=0.5, min_clients=3), "noise_multiplier"),
+        (DPSpec(clip_norm=10.0, noise_multiplier=1.0, min_clients=3), "clip_norm"),
+        (DPSpec(clip_norm=1.0, noise_multiplier=1.0, min_clients=2), "min_clients"),
+        (DPSpec(clip_norm=1.0, noise_multiplier=1.0, min_clients=3, delta=1e-3), "delta"),
+    ],
+)
+def test_an_entry_weaker_than_the_policy_is_refused(
+    tmp_path: Path, spec: DPSpec | None, why: str
+) -> None:
+    kh = holder(tmp_path, dp=DP_SPEC)
+    with pytest.raises(DecryptionRefused, match=why) as info:
+        kh.decrypt(noised_aggregate({"c1": spec}).encode())
+    assert info.value.reason == "dp_weaker_than_policy"
+    assert not kh.already_decrypted(RUN, 0)  # refused before anything was recorded
+
+
+def test_entries_must_share_one_dp_spec_and_one_plan(tmp_path: Path) -> None:
+    kh = holder(tmp_path, dp=DP_SPEC)
+    stricter = DPSpec(clip_norm=1.0, noise_multiplier=3.0, min_clients=3)
+    assert refused(kh, noised_aggregate({"c2": stricter})) == "manifest_mismatch"
+    assert refused(kh, noised_aggregate(plans={"c0": b"\x07" * 32})) == "manifest_mismatch"
+
+
+def test_cohort_below_the_signed_k_is_refused(tmp_path: Path) -> None:
+    kh = holder(
+        tmp_path, min_clients=2, dp=DPSpec(clip_norm=1.0, noise_multiplier=1.0, min_clients=2)
+    )
+    k4 = DPSpec(clip_norm=1.0, noise_multiplier=1.0, min_clients=4)
+    assert refused(kh, noised_aggregate({f"c{i}": k4 for i in range(3)})) == "too_few_clients"

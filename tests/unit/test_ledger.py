@@ -16,9 +16,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
+from secure_xfl.crypto.dpspec import DEFAULT_DELTA
 from secure_xfl.privacy.accountant import epsilon_for
 from secure_xfl.privacy.ledger import (
     GENESIS_PREV,
+    MAX_FILE_BYTES,
+    MAX_LINE_BYTES,
     LedgerError,
     LedgerInvalid,
     PrivacyLedger,
@@ -28,6 +31,8 @@ from secure_xfl.privacy.ledger import (
     read_ledger,
 )
 
+DELTA = DEFAULT_DELTA
+
 
 def _round(ledger: PrivacyLedger, r: int, participants: list[str], **over: Any) -> dict[str, Any]:
     enrolled = over.pop("enrolled", 4)
@@ -36,7 +41,7 @@ def _round(ledger: PrivacyLedger, r: int, participants: list[str], **over: Any) 
     if "epsilon" in over:
         eps = over.pop("epsilon")
     else:
-        eps = ledger.would_spend("run-1", noise_multiplier=sigma, sample_rate=q, delta=1e-5)
+        eps = ledger.would_spend("run-1", noise_multiplier=sigma, sample_rate=q, delta=DELTA)
     args: dict[str, Any] = {
         "run": "run-1",
         "round": r,
@@ -45,7 +50,7 @@ def _round(ledger: PrivacyLedger, r: int, participants: list[str], **over: Any) 
         "clip_norm": 1.0,
         "noise_multiplier": sigma,
         "sample_rate": q,
-        "delta": 1e-5,
+        "delta": DELTA,
         "rule": "fedavg",
         "epsilon": eps,
     }
@@ -88,14 +93,14 @@ def test_round_trip_and_reopen(tmp_path: Path, key: Any) -> None:
 
 def test_spent_and_would_spend(tmp_path: Path, key: Any) -> None:
     with PrivacyLedger(tmp_path / "l.jsonl", key) as ledger:
-        assert ledger.spent("run-1", 1e-5) == 0.0
+        assert ledger.spent("run-1", DELTA) == 0.0
         for r in range(3):
             _round(ledger, r, ["a", "b", "c", "d"])
-        assert ledger.spent("run-1", 1e-5) == pytest.approx(epsilon_for(1.1, 1.0, 3, 1e-5))
-        nxt = ledger.would_spend("run-1", noise_multiplier=1.1, sample_rate=1.0, delta=1e-5)
-        assert nxt == pytest.approx(epsilon_for(1.1, 1.0, 4, 1e-5))
-        assert ledger.history()[-1]["epsilon"] == pytest.approx(ledger.spent("run-1", 1e-5))
-        assert ledger.spent("other", 1e-5) == 0.0
+        assert ledger.spent("run-1", DELTA) == pytest.approx(epsilon_for(1.1, 1.0, 3, DELTA))
+        nxt = ledger.would_spend("run-1", noise_multiplier=1.1, sample_rate=1.0, delta=DELTA)
+        assert nxt == pytest.approx(epsilon_for(1.1, 1.0, 4, DELTA))
+        assert ledger.history()[-1]["epsilon"] == pytest.approx(ledger.spent("run-1", DELTA))
+        assert ledger.spent("other", DELTA) == 0.0
         assert ledger.history("other") == []
 
 
@@ -319,12 +324,12 @@ def test_malformed_lines_are_invalid(tmp_path: Path, raw: bytes) -> None:
 def test_size_bounds(tmp_path: Path) -> None:
     pub = ed25519.Ed25519PrivateKey.generate().public_key()
     long_line = tmp_path / "long.jsonl"
-    long_line.write_bytes(b"x" * (1024 * 1024 + 1) + b"\n")
+    long_line.write_bytes(b"x" * (MAX_LINE_BYTES + 1) + b"\n")
     with pytest.raises(LedgerInvalid, match="line exceeds"):
         read_ledger(long_line, pub)
     huge = tmp_path / "huge.jsonl"
     with open(huge, "wb") as fh:
-        fh.truncate(64 * 1024 * 1024 + 1)  # sparse: costs no disk
+        fh.truncate(MAX_FILE_BYTES + 1)  # sparse: costs no disk
     with pytest.raises(LedgerInvalid, match="exceeds"):
         read_ledger(huge, pub)
     with pytest.raises(LedgerInvalid, match="regular file"):
@@ -339,3 +344,31 @@ def test_invalid_error_carries_reason_and_line() -> None:
     assert err.code == "privacy.ledger.invalid"
     assert json.loads(canonical_bytes({"b": 1.5, "a": [1]})) == {"a": [1], "b": 1.5}
     assert canonical_bytes({"b": 1, "a": "é"}) == b'{"a":"\\u00e9","b":1}'
+
+
+def test_budget_follows_appends_and_is_a_copy(tmp_path: Path, key: Any) -> None:
+    with PrivacyLedger(tmp_path / "l.jsonl", key) as ledger:
+        _round(ledger, 0, ["a", "b"])
+        budget = ledger.budget("run-1", DELTA)
+        assert budget.rounds == 1 and budget.client_rounds("a") == 1
+        budget.step(1.1, 0.5, ["a", "b"])  # the caller's copy only
+        assert ledger.budget("run-1", DELTA).rounds == 1
+        _round(ledger, 1, ["a", "c"])
+        after = ledger.budget("run-1", DELTA)
+        assert after.rounds == 2 and after.client_rounds("c") == 1
+        assert after.federation_epsilon() == pytest.approx(ledger.spent("run-1", DELTA))
+        assert ledger.budget("run-1").delta == DEFAULT_DELTA
+    # Reopening rebuilds the same figures from the file.
+    with PrivacyLedger(tmp_path / "l.jsonl", key) as ledger:
+        again = ledger.budget("run-1", DELTA)
+        assert again.federation_epsilon() == pytest.approx(after.federation_epsilon())
+        assert again.client_epsilon("a") == pytest.approx(after.client_epsilon("a"))
+
+
+def test_a_file_without_newlines_is_refused_at_the_line_bound(tmp_path: Path) -> None:
+    # The reader streams: it must not buffer a whole file that never ends a line.
+    path = tmp_path / "l.jsonl"
+    path.write_bytes(b"{" * (MAX_LINE_BYTES + 2))
+    with pytest.raises(LedgerInvalid, match="line exceeds") as info:
+        read_ledger(path, ed25519.Ed25519PrivateKey.generate().public_key())
+    assert info.value.line_no == 1

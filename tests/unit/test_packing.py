@@ -22,8 +22,8 @@ from secure_xfl.crypto.errors import (
 )
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy
 from secure_xfl.crypto.packing import QuantSpec, pack, unpack_sum
-from secure_xfl.crypto.protect import protect_vector
 from secure_xfl.privacy.dp import DPConfig, privatize
+from secure_xfl.privacy.protect import protect_vector
 from tests.conftest import contexts
 from tests.unit.helpers import RUN, layout_for
 
@@ -225,10 +225,11 @@ def test_packed_refusals(client_keys: object, tmp_path: Path) -> None:
     holder.close()
 
 
-def test_v1_statements_keep_their_wire_form_and_v2_is_strict() -> None:
-    st0 = UpdateStatement(
+def test_v3_statements_round_trip_and_v1_v2_are_refused() -> None:
+    spec = QuantSpec.for_dp(DP)
+    st = UpdateStatement(
         run="r",
-        round=0,
+        round=2,
         client="c",
         layout_digest=b"\0" * 32,
         preset="xfl-sum",
@@ -236,14 +237,21 @@ def test_v1_statements_keep_their_wire_form_and_v2_is_strict() -> None:
         weight=1.0,
         weighting="client",
         ciphertext_digest=b"\1" * 32,
+        loss=None,
+        quant=spec,
+        plan_digest=b"\2" * 32,
+        base_round=1,
+        base_model_digest=b"\3" * 32,
+        dp=DP.spec(),
     )
-    assert len(st0.to_wire()) == 10
-    assert UpdateStatement.from_wire(st0.to_wire()) == st0
-    spec = QuantSpec.for_dp(DP)
+    assert len(st.to_wire()) == 15
+    assert UpdateStatement.from_wire(st.to_wire()) == st
     from dataclasses import replace
 
-    st1 = replace(st0, quant=spec)
-    assert len(st1.to_wire()) == 11 and st1.signing_bytes() != st0.signing_bytes()
-    assert UpdateStatement.from_wire(st1.to_wire()) == st1
-    with pytest.raises(EnvelopeError):
-        UpdateStatement.from_wire([*st0.to_wire(), None])
+    assert replace(st, dp=None).signing_bytes() != st.signing_bytes()
+    # the old 10- and 11-field forms named no plan or DP spec
+    for old in (st.to_wire()[:10], st.to_wire()[:11], [*st.to_wire(), None]):
+        with pytest.raises(EnvelopeError, match="v3"):
+            UpdateStatement.from_wire(old)
+    with pytest.raises(EnvelopeError, match="base_round"):
+        UpdateStatement.from_wire([*st.to_wire()[:12], 3, *st.to_wire()[13:]])

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from secure_xfl.crypto import pki
+from secure_xfl.crypto import pem, pki
 from secure_xfl.errors import CryptoError
 
 pytestmark = pytest.mark.timeout(30)
@@ -138,24 +138,24 @@ def test_files_roundtrip_and_key_mode(ca: Ca, tmp_path: Path) -> None:
     key_path = tmp_path / "c1.key"
     old_umask = os.umask(0)  # the mode must come from os.open, not from the umask
     try:
-        pki.write_private_key(key_path, key)
+        pem.write_private_key(key_path, key)
     finally:
         os.umask(old_umask)
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
-    pki.write_private_key(key_path, key)  # overwrite keeps 0600
+    pem.write_private_key(key_path, key)  # overwrite keeps 0600
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
-    loaded = pki.load_private_key(key_path)
+    loaded = pem.load_private_key(key_path)
     assert isinstance(loaded, ec.EllipticCurvePrivateKey)
     assert loaded.private_numbers() == key.private_numbers()
-    pki.write_certificate(tmp_path / "c1.pem", cert)
-    assert pki.load_certificate(tmp_path / "c1.pem") == cert
+    pem.write_certificate(tmp_path / "c1.pem", cert)
+    assert pem.load_certificate(tmp_path / "c1.pem") == cert
     crl = pki.build_crl(ca[0], ca[1], [5, 7])
-    pki.write_crl(tmp_path / "crl.pem", crl)
-    assert pki.load_crl(tmp_path / "crl.pem").get_revoked_certificate_by_serial_number(7)
+    pem.write_crl(tmp_path / "crl.pem", crl)
+    assert pem.load_crl(tmp_path / "crl.pem").get_revoked_certificate_by_serial_number(7)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
-@pytest.mark.parametrize("loader", [pki.load_certificate, pki.load_private_key, pki.load_crl])
+@pytest.mark.parametrize("loader", [pem.load_certificate, pem.load_private_key, pem.load_crl])
 def test_garbage_files_raise_typed_errors(loader: Callable[[Path], object], tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n")

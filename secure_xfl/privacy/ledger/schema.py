@@ -13,15 +13,30 @@ object with these fields:
 ``time``             ISO-8601 UTC with a trailing ``Z``
 ``participants``     sorted, distinct client ids in the aggregate
 ``enrolled``         clients enrolled in the run
-``clip_norm``        ``C``
+``clip_norm``        ``C``: the sensitivity of the released sum to one client
 ``noise_multiplier`` σ_eff of the released aggregate relative to ``C``
-                     (see :func:`secure_xfl.privacy.dp.effective_noise_multiplier`)
+                     (see :func:`secure_xfl.crypto.dpspec.effective_noise`)
 ``sample_rate``      ``len(participants) / enrolled``
 ``delta``            δ of the run
 ``rule``             aggregation rule name
 ``epsilon``          ε claimed after this round (RDP); ``null`` means unbounded
                      (a round released without noise)
 ``dp_sgd``           optional: record-level DP-SGD parameters of clients
+``statements``       optional: the evidence behind ``noise_multiplier`` and
+                     ``clip_norm`` — one object per participant, in
+                     ``participants`` order, with exactly the keys ``client``
+                     (the participant), ``signed`` (lowercase hex of the
+                     msgpack of the client's ``SignedStatement.to_wire()``,
+                     at most :data:`MAX_STATEMENT_BYTES` bytes) and ``cert``
+                     (the client's PEM certificate, at most
+                     :data:`MAX_CERT_PEM_CHARS` characters). The audit checks
+                     them against the federation CA and recomputes σ_eff from
+                     them; entries without them (older key holders) are
+                     readable but their σ rests on the key holder's word
+``weight_scale``     optional: the aggregator-side divisor of the signed
+                     weights (client i was multiplied by ``weight_i /
+                     weight_scale`` under ``aggregator`` weighting, by 1 under
+                     ``client`` weighting); a finite float > 0
 ``prev``             hex SHA-256 of the previous line's bytes (without its
                      newline); for ``seq`` 0 it is :data:`GENESIS_PREV`
 ``sig``              hex signature by the key holder over the canonical JSON of
@@ -55,8 +70,10 @@ from secure_xfl.errors import PrivacyError
 __all__ = [
     "GENESIS_PREV",
     "LEDGER_TYPE",
+    "MAX_CERT_PEM_CHARS",
     "MAX_FILE_BYTES",
     "MAX_LINE_BYTES",
+    "MAX_STATEMENT_BYTES",
     "LedgerError",
     "LedgerInvalid",
     "canonical_bytes",
@@ -69,9 +86,18 @@ LEDGER_TYPE = "secure-xfl/privacy-ledger/v1"
 #: ``prev`` of the first line: SHA-256 of a fixed, documented string.
 GENESIS_PREV = hashlib.sha256(b"secure-xfl/privacy-ledger/v1/genesis").hexdigest()
 #: Bounds checked before anything is parsed, so a hostile file cannot make
-#: the auditor allocate without limit.
-MAX_FILE_BYTES = 64 * 1024 * 1024
-MAX_LINE_BYTES = 1024 * 1024
+#: the auditor allocate without limit. With ``statements`` a line carries about
+#: 2 KB per participant (a ~0.9 KB PEM certificate and a ~0.35 KB signed
+#: statement, which hex doubles), ~0.4 MB for 200 participants: that fits the
+#: old 1 MiB line, but the old 64 MiB file then held only ~160 rounds. 1 GiB
+#: holds ~2,500 such rounds; 16 MiB lines leave ~40x headroom per line (~8,000
+#: participants at real sizes). Readers stream the file, so memory is one line
+#: plus the verified entries, never the raw file.
+MAX_FILE_BYTES = 1024 * 1024 * 1024
+MAX_LINE_BYTES = 16 * 1024 * 1024
+#: Per-participant caps inside ``statements`` (see the field table above).
+MAX_CERT_PEM_CHARS = 8 * 1024
+MAX_STATEMENT_BYTES = 64 * 1024
 
 _MAX_ID_CHARS = 256
 _MAX_PARTICIPANTS = 100_000
@@ -86,7 +112,10 @@ _REQUIRED = frozenset(
         "noise_multiplier", "sample_rate", "delta", "rule", "epsilon", "prev", "sig",
     }
 )  # fmt: skip
-_OPTIONAL = frozenset({"dp_sgd"})
+_OPTIONAL = frozenset({"dp_sgd", "statements", "weight_scale"})
+_STATEMENT_KEYS = frozenset({"client", "signed", "cert"})
+_PEM_BEGIN = "-----BEGIN CERTIFICATE-----"
+_PEM_END = "-----END CERTIFICATE-----"
 
 SigningKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 VerifyKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
@@ -257,6 +286,39 @@ def _check_dp_sgd(value: Any, line_no: int) -> None:
         raise _fail(f"dp_sgd[{key!r}] must be a scalar", line_no)
 
 
+def _check_pem(value: Any, line_no: int, index: int) -> None:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_CERT_PEM_CHARS:
+        raise _fail(
+            f"statements[{index}].cert must be a PEM string of at most "
+            f"{MAX_CERT_PEM_CHARS} characters",
+            line_no,
+        )
+    # PEM is ASCII lines; anything else (control characters, other encodings)
+    # has no business in a certificate and would only hide content.
+    if not value.isascii() or not all(ch.isprintable() or ch == "\n" for ch in value):
+        raise _fail(f"statements[{index}].cert contains non-PEM characters", line_no)
+    if not value.startswith(_PEM_BEGIN) or _PEM_END not in value:
+        raise _fail(f"statements[{index}].cert is not a PEM certificate", line_no)
+
+
+def _check_statements(value: Any, participants: list[str], line_no: int) -> None:
+    # Exactly one per participant, in the same order: an audit can then pair
+    # each released participant with its own signed claim without searching,
+    # and a statement of a client that was not released cannot ride along.
+    if not isinstance(value, list) or len(value) != len(participants):
+        raise _fail("statements must be a list with one entry per participant", line_no)
+    for index, (item, pid) in enumerate(zip(value, participants, strict=True)):
+        if not isinstance(item, dict) or set(item) != _STATEMENT_KEYS:
+            raise _fail(
+                f"statements[{index}] must be an object with keys {sorted(_STATEMENT_KEYS)}",
+                line_no,
+            )
+        if item["client"] != pid:
+            raise _fail(f"statements[{index}].client must be participant {pid!r}", line_no)
+        _hex(item["signed"], f"statements[{index}].signed", line_no, 2 * MAX_STATEMENT_BYTES)
+        _check_pem(item["cert"], line_no, index)
+
+
 def validate_entry(obj: Any, line_no: int = 0) -> dict[str, Any]:
     """Type- and range-check one parsed ledger object (signature and chain aside)."""
     if not isinstance(obj, dict):
@@ -296,6 +358,10 @@ def validate_entry(obj: Any, line_no: int = 0) -> dict[str, Any]:
         raise _fail("epsilon must be ≥ 0 or null", line_no)
     if "dp_sgd" in obj:
         _check_dp_sgd(obj["dp_sgd"], line_no)
+    if "statements" in obj:
+        _check_statements(obj["statements"], participants, line_no)
+    if "weight_scale" in obj and not _float(obj, "weight_scale", line_no) > 0:
+        raise _fail("weight_scale must be > 0", line_no)
     _hex(obj["prev"], "prev", line_no, 64)
     if len(obj["prev"]) != 64:
         raise _fail("prev must be a SHA-256 hex digest", line_no)

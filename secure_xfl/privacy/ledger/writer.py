@@ -7,15 +7,16 @@ import fcntl
 import math
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from secure_xfl.privacy.accountant import epsilon as account_epsilon
-from secure_xfl.privacy.ledger.reader import _parse, _read_bounded
+from secure_xfl.crypto.dpspec import DEFAULT_DELTA
+from secure_xfl.privacy.budget import PrivacyBudget
+from secure_xfl.privacy.ledger.reader import _parse, _read_chunks
 from secure_xfl.privacy.ledger.schema import (
     LEDGER_TYPE,
     MAX_FILE_BYTES,
@@ -29,6 +30,24 @@ from secure_xfl.privacy.ledger.schema import (
     entry_hash,
     validate_entry,
 )
+
+
+def _statement_list(statements: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Plain dicts sorted by client, like ``participants``; validation comes later."""
+    if isinstance(statements, str | bytes) or not isinstance(statements, Sequence):
+        raise LedgerError("statements must be a list of {client, signed, cert} objects")
+    items: list[dict[str, Any]] = []
+    for item in statements:
+        if not isinstance(item, Mapping) or not isinstance(item.get("client"), str):
+            raise LedgerError("each statement must be an object with a client name")
+        items.append(dict(item))
+    return sorted(items, key=lambda item: str(item["client"]))
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise LedgerError(f"weight_scale must be a number, got {type(value).__name__}")
+    return float(value)
 
 
 def _now_utc() -> str:
@@ -55,12 +74,17 @@ class PrivacyLedger:
         self._key = signing_key
         self._fd = self._open()
         try:
-            self._entries, self._head = _parse(_read_bounded(self._fd), signing_key.public_key())
+            # Statements are verified evidence for auditors; the key holder never
+            # reads them again, so they are not kept in its (long-lived) memory.
+            self._entries, self._head = _parse(
+                _read_chunks(self._fd), signing_key.public_key(), keep_statements=False
+            )
             self._size = os.fstat(self._fd).st_size
         except BaseException:
             os.close(self._fd)
             raise
         self._rounds = {(e["run"], e["round"]) for e in self._entries}
+        self._budgets: dict[tuple[str, float], PrivacyBudget] = {}
         self._broken = False
 
     def _open(self) -> int:
@@ -125,24 +149,42 @@ class PrivacyLedger:
         return len(self._entries)
 
     def history(self, run: str | None = None) -> list[dict[str, Any]]:
-        """Copies of all entries, or of one run's, in file order."""
+        """Copies of all entries, or of one run's, in file order.
+
+        They omit ``statements`` (verified when the ledger was opened or
+        appended; :func:`~secure_xfl.privacy.ledger.read_ledger` returns them).
+        """
         return [copy.deepcopy(e) for e in self._entries if run is None or e["run"] == run]
 
-    def _run_history(self, run: str) -> list[tuple[float, float, int]]:
-        return [
-            (e["noise_multiplier"], e["sample_rate"], 1) for e in self._entries if e["run"] == run
-        ]
+    def budget(self, run: str, delta: float = DEFAULT_DELTA) -> PrivacyBudget:
+        """The :class:`PrivacyBudget` of ``run`` at ``delta`` from the recorded rounds.
+
+        The caller gets its own copy; stepping it does not touch the ledger.
+        """
+        return self._budget(run, delta).copy()
+
+    def _budget(self, run: str, delta: float) -> PrivacyBudget:
+        key = (run, float(delta))
+        cached = self._budgets.get(key)
+        if cached is None:
+            # Built once, then stepped on every append: the key holder asks for
+            # ε several times a round and a rebuild costs rounds × participants.
+            cached = self._budgets[key] = PrivacyBudget.from_entries(self._entries, run, delta)
+        return cached
 
     def spent(self, run: str, delta: float) -> float:
-        """ε spent by ``run`` so far at ``delta``, recomputed with RDP."""
-        return account_epsilon(self._run_history(run), delta, "rdp")
+        """ε spent by ``run`` so far at ``delta`` (federation view, RDP)."""
+        return self._budget(run, delta).federation_epsilon()
 
     def would_spend(
         self, run: str, *, noise_multiplier: float, sample_rate: float, delta: float
     ) -> float:
-        """ε of ``run`` if one more round with these parameters were released."""
-        extra = (float(noise_multiplier), float(sample_rate), 1)
-        return account_epsilon([*self._run_history(run), extra], delta, "rdp")
+        """Federation ε of ``run`` if one more round with these parameters were released."""
+        budget = self._budget(run, delta)
+        # The federation figure does not depend on who took part; a placeholder
+        # cohort keeps projected()'s participant check satisfied.
+        fed, _, _ = budget.projected(noise_multiplier, sample_rate, ["-"])
+        return fed
 
     # -- append
 
@@ -160,11 +202,16 @@ class PrivacyLedger:
         rule: str,
         epsilon: float | None,
         dp_sgd: dict[str, Any] | None = None,
+        statements: Sequence[Mapping[str, Any]] | None = None,
+        weight_scale: float | None = None,
     ) -> dict[str, Any]:
         """Sign, chain, write and fsync one entry; returns it (with ``sig``).
 
         ``epsilon`` is the claim after this round (``None`` or ``inf`` for
-        unbounded); :meth:`would_spend` computes it. Raises
+        unbounded); :meth:`would_spend` computes it. ``statements`` are the
+        participants' signed statements ``{"client", "signed", "cert"}`` (see
+        the schema's field table), one per participant; ``weight_scale`` the
+        aggregator-side divisor of their weights. Raises
         :class:`LedgerError` when the entry is invalid, the (run, round) is
         already recorded, the ledger is full, or an earlier write failed.
         """
@@ -199,6 +246,10 @@ class PrivacyLedger:
         }
         if dp_sgd is not None:
             entry["dp_sgd"] = dict(dp_sgd)
+        if statements is not None:
+            entry["statements"] = _statement_list(statements)
+        if weight_scale is not None:
+            entry["weight_scale"] = _as_float(weight_scale)
         try:
             validate_entry(entry)
         except LedgerInvalid as exc:
@@ -213,7 +264,11 @@ class PrivacyLedger:
         if self._size + len(line) + 1 > MAX_FILE_BYTES:
             raise LedgerError("ledger is full; start a new ledger file for further runs")
         self._write(line + b"\n")
-        self._entries.append(entry)
+        slim = {k: v for k, v in entry.items() if k != "statements"}
+        self._entries.append(copy.deepcopy(slim))
+        for (budget_run, _), budget in self._budgets.items():
+            if budget_run == run:
+                budget.step(entry["noise_multiplier"], entry["sample_rate"], people)
         self._rounds.add((run, round))
         self._head = entry_hash(line)
         return copy.deepcopy(entry)

@@ -1,0 +1,261 @@
+"""A client's round logic as a sans-IO state machine.
+
+Inputs: the aggregator's replies (``welcome``, ``round``, ``wait``, ``done``,
+``ack``), remote error codes, the end of local training, and ``now``. Outputs:
+typed actions the adapter performs (:class:`Call`, :class:`Train`,
+:class:`SealAndUpload`, :class:`Decline`, :class:`Done`) and
+:meth:`next_deadline`, when :meth:`handle_timer` wants to run. The adapter
+owns the network, the trainer and the key; this class owns the decisions:
+which plan to accept (:class:`ClientPolicy`), what weight to sign, when a
+closed round's update re-targets a newer buffer and when it is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from secure_xfl.crypto.dpspec import DPSpec
+from secure_xfl.protocol import messages
+from secure_xfl.protocol.plan import ClientPolicy, PlanRefused, RoundPlan, model_digest
+from secure_xfl.protocol.rules import make_rule
+
+log = logging.getLogger("secure_xfl.client")
+
+__all__ = [
+    "Call",
+    "ClientRound",
+    "Decline",
+    "Done",
+    "SealAndUpload",
+    "Train",
+    "Trained",
+    "staleness_weight",
+]
+
+State = Literal["joining", "idle", "training", "uploading", "retargeting", "declining", "done"]
+
+#: How often a closed round's straggler asks for a newer round, and for how long.
+RETARGET_POLL_S = 0.2
+RETARGET_PATIENCE_S = 30.0
+
+
+def staleness_weight(staleness: int, exponent: float = 0.5) -> float:
+    """FedBuff-style polynomial discount (1 + τ)^-a for an update τ rounds old."""
+    return float((1 + max(staleness, 0)) ** -exponent)
+
+
+@dataclass(frozen=True)
+class Call:
+    """Action: send ``method`` with ``fields`` to the aggregator; feed the reply back."""
+
+    method: Literal["hello", "task", "decline"]
+    fields: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Train:
+    """Action: train locally on ``model`` under ``plan``; report with :meth:`trained`."""
+
+    plan: RoundPlan
+    dp: DPSpec | None
+    """The DP to apply: the plan's, already checked against the client's own kit."""
+    model: dict[str, Any]
+    hints: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What the adapter reports after :class:`Train` (the update itself stays with it)."""
+
+    num_samples: int
+    loss: float | None
+    throughput: float | None
+
+
+@dataclass(frozen=True)
+class SealAndUpload:
+    """Action: privatise with ``dp``, encrypt, sign for ``round`` and upload."""
+
+    round: int
+    base_round: int
+    weight: float
+    dp: DPSpec | None
+    plan: RoundPlan
+    throughput: float | None
+    loss: float | None
+
+
+@dataclass(frozen=True)
+class Decline:
+    """Action: tell the aggregator this client refuses ``round``'s plan, and why."""
+
+    round: int
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """Action: the run is over for this client."""
+
+    ok: bool
+    reason: str
+    refused: bool = False
+    """True when this client ended because its own policy refused the plans."""
+
+
+Action = Call | Train | SealAndUpload | Decline | Done
+
+
+class ClientRound:
+    """Decides what one client does next; no I/O, no clock of its own."""
+
+    def __init__(self, name: str, policy: ClientPolicy) -> None:
+        self.name = name
+        self.policy = policy
+        self.state: State = "joining"
+        self.last = -1  # last round this client finished (uploaded, dropped or declined)
+        self.rounds_done: list[int] = []
+        self.refusals: list[str] = []
+        self._deadline: float | None = None
+        self._pending: tuple[RoundPlan, DPSpec | None, Trained] | None = None
+        self._target = -1
+        self._retarget_until = 0.0
+
+    # -- clock -------------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timer` wants to run (``None``: waiting on an input)."""
+        return self._deadline
+
+    def handle_timer(self, now: float) -> list[Action]:
+        """The deadline passed: ask again."""
+        if self._deadline is None or now < self._deadline:
+            return []
+        self._deadline = None
+        if self.state == "retargeting":
+            return [Call("hello", {})]
+        return [Call("task", {"after": self.last})]
+
+    # -- inputs ------------------------------------------------------------------------
+    def start(self, now: float) -> list[Action]:
+        """Begin: say hello."""
+        return [Call("hello", {})]
+
+    def on_reply(self, kind: str, msg: Mapping[str, Any], now: float) -> list[Action]:
+        """A reply from the aggregator (already decoded and type-checked by the adapter)."""
+        if kind == "welcome":
+            return self._on_welcome(msg, now)
+        if kind == "done":
+            ok = msg.get("ok") is True
+            self.state = "done"
+            refused = bool(self.refusals)
+            return [Done(ok=ok and not refused, reason=str(msg.get("reason", "")), refused=refused)]
+        if kind == "wait":
+            self._deadline = now + float(messages.require(msg, "retry_s", float, lo=0, hi=60))
+            return []
+        if kind == "round":
+            return self._on_round(msg)
+        if kind == "ack" and self.state == "uploading":
+            self.rounds_done.append(self._target)
+            return self._finish_round()
+        if kind == "ack" and self.state == "declining":
+            self.state = "idle"
+            return [Call("task", {"after": self.last})]
+        raise messages.ProtocolError(f"unexpected {kind!r} reply in state {self.state}")
+
+    def on_error(self, code: str, message: str, now: float) -> list[Action]:
+        """The aggregator refused an upload with ``code``."""
+        if self.state != "uploading" or self._pending is None:
+            raise messages.ProtocolError(f"{code}: {message}")
+        plan = self._pending[0]
+        if code == "round_closed" and make_rule(plan.rule).buffered:
+            self.state = "retargeting"
+            self._retarget_until = now + RETARGET_PATIENCE_S
+            return [Call("hello", {})]
+        if code in ("duplicate_update", "round_closed"):
+            log.warning("round %d upload not counted: %s: %s", self._target, code, message)
+            return self._finish_round()
+        raise messages.ProtocolError(f"upload refused: {code}: {message}")
+
+    def trained(self, result: Trained) -> list[Action]:
+        """Local training of the pending plan finished."""
+        if self.state != "training" or self._pending is None:
+            raise messages.ProtocolError("trained() without a Train action")
+        plan, dp, _ = self._pending
+        self._pending = (plan, dp, result)
+        self._target = plan.round
+        return [self._seal(plan.round)]
+
+    # -- internals ---------------------------------------------------------------------
+    def _on_welcome(self, msg: Mapping[str, Any], now: float) -> list[Action]:
+        if self.state == "joining":
+            self.state = "idle"
+            log.info("joined run %s at round %s", msg.get("run"), msg.get("round"))
+            return [Call("task", {"after": self.last})]
+        if self.state != "retargeting" or self._pending is None:
+            return []
+        plan = self._pending[0]
+        newer = messages.require(msg, "round", int, lo=0, hi=2**31)
+        rounds = messages.require(msg, "rounds", int, lo=0, hi=2**31)
+        if newer > self._target and newer < rounds:
+            if newer - plan.round > plan.max_staleness:
+                log.warning("update from round %d too stale; dropped", plan.round)
+                return self._finish_round()
+            self._target = newer
+            return [self._seal(newer)]
+        if newer >= rounds or now >= self._retarget_until:
+            log.warning("round %d closed and no newer round is open; update dropped", self._target)
+            return self._finish_round()
+        self._deadline = now + RETARGET_POLL_S  # the closed round may still be decrypting
+        return []
+
+    def _on_round(self, msg: Mapping[str, Any]) -> list[Action]:
+        plan = RoundPlan.from_wire(messages.require(msg, "plan", list))
+        model = messages.unpack_tensors(msg.get("model"))
+        hints = messages.require(msg, "hints", dict)
+        try:
+            dp = self.policy.check(plan)
+        except PlanRefused as exc:
+            self.refusals.append(f"round {plan.round}: {exc}")
+            log.error(
+                "refusing round %d of run %s: %s (not training, not uploading)",
+                plan.round,
+                plan.run,
+                exc,
+            )
+            self.state = "declining"
+            self.last = plan.round
+            return [Decline(plan.round, exc.reason, exc.detail)]
+        if model_digest(model) != plan.model_digest:
+            raise messages.ProtocolError("the model sent does not match the plan's digest")
+        self.state = "training"
+        self._pending = (plan, dp, Trained(0, None, None))
+        return [Train(plan=plan, dp=dp, model=model, hints=hints)]
+
+    def _seal(self, round: int) -> SealAndUpload:
+        assert self._pending is not None
+        plan, dp, result = self._pending
+        rule = make_rule(plan.rule)
+        weight = rule.client_weight(result.num_samples, result.loss, plan.weight_cap, plan.loss_ref)
+        if plan.weighting == "client" and plan.rule != "dynamic":
+            weight = weight / plan.weight_cap
+        self.state = "uploading"
+        return SealAndUpload(
+            round=round,
+            base_round=plan.round,
+            weight=weight * staleness_weight(round - plan.round),
+            dp=dp,
+            plan=plan,
+            throughput=result.throughput,
+            loss=result.loss,
+        )
+
+    def _finish_round(self) -> list[Action]:
+        assert self._pending is not None
+        self.last = max(self.last, self._pending[0].round)
+        self._pending = None
+        self.state = "idle"
+        return [Call("task", {"after": self.last})]
