@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from secure_xfl.config import Rule
 from secure_xfl.errors import SecureXFLError
 
 log = logging.getLogger("secure_xfl.cli")
@@ -344,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--rule",
         default="fedavg",
-        choices=("fedavg", "dynamic", "gradient", "async", "fedadam", "fedyogi", "fedadagrad"),
+        choices=typing.get_args(Rule),
     )
     s.add_argument("--partition", choices=("fixed", "dirichlet", "dynamic"), default="fixed")
     s.add_argument("--local-steps", type=int, default=20, help="local steps per round")

@@ -19,6 +19,7 @@ from typing import Any
 
 from secure_xfl.experiments.demo import DemoConfig, run_federation
 
+#: The paper's three aggregation rules (Tables 2–3), by their registry names.
 RULES = ("fedavg", "dynamic", "gradient")
 PARTITIONS = ("fixed", "dynamic")
 

@@ -23,7 +23,6 @@ from secure_xfl.crypto.errors import DecryptionRefused
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy, Release
 from secure_xfl.crypto.pki import PeerIdentity
 from secure_xfl.kit import Kit
-from secure_xfl.privacy.accountant import epsilon
 from secure_xfl.privacy.ledger import PrivacyLedger
 from secure_xfl.protocol import messages
 from secure_xfl.protocol.rules import make_rule
@@ -88,38 +87,24 @@ class KeyHolderService:
         The federation figure uses the recorded sampling rate; a client's own
         figure counts only its rounds at rate 1, because participation in
         cross-silo runs is not secretly random. The budget binds both, exactly
-        as ``secure-xfl audit`` checks them.
+        as ``secure-xfl audit`` checks them (one :class:`PrivacyBudget` for both).
         """
-        run, delta = release.run, self.kit.config.privacy.delta
-        fed = self.ledger.would_spend(
-            run,
-            noise_multiplier=release.noise_multiplier,
-            sample_rate=self._sample_rate(release),
-            delta=delta,
+        budget = self.ledger.budget(release.run, self.kit.config.privacy.delta)
+        fed, worst, _ = budget.projected(
+            release.noise_multiplier, self._sample_rate(release), release.participants
         )
-        history = self.ledger.history(run)
-        worst = 0.0
-        for client in release.participants:
-            rounds = [
-                (float(e["noise_multiplier"]), 1.0, 1)
-                for e in history
-                if client in e["participants"]
-            ]
-            rounds.append((release.noise_multiplier, 1.0, 1))
-            worst = max(worst, epsilon(rounds, delta, "rdp"))
         return fed, worst
 
     def _check_budget(self, release: Release) -> None:
-        budget = self.kit.config.privacy.epsilon_budget
-        if budget <= 0:
+        limit = self.kit.config.privacy.epsilon_budget
+        if limit <= 0:
             return
-        fed, worst = self.projected_epsilon(release)
-        if max(fed, worst) > budget:
-            raise DecryptionRefused(
-                "budget_exceeded",
-                f"round {release.round} would bring ε to {fed:.3f} (federation) / "
-                f"{worst:.3f} (most exposed client) > budget {budget}",
-            )
+        budget = self.ledger.budget(release.run, self.kit.config.privacy.delta)
+        why = budget.would_exceed(
+            limit, release.noise_multiplier, self._sample_rate(release), release.participants
+        )
+        if why is not None:
+            raise DecryptionRefused("budget_exceeded", f"round {release.round}: {why}")
 
     def _record(self, release: Release) -> None:
         p = self.kit.config.privacy

@@ -18,14 +18,16 @@ import torch
 
 from secure_xfl.crypto.codec import layout_of
 from secure_xfl.crypto.context import get_preset
-from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.errors import TransportError
 from secure_xfl.kit import Kit
+from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.protocol import messages
+from secure_xfl.services.client import client_policy
 from secure_xfl.training.trainer import RandomTrainer
 from secure_xfl.transport.errors import RemoteError
 from secure_xfl.transport.rpc import RpcClient
 from tests.federation import federation, provision
+from tests.security.live import aggregator_plan
 
 HONEST = ("alpha", "beta", "gamma")
 NUMEL = 3000
@@ -42,7 +44,15 @@ async def misbehave(kit: Kit, port: int, model: dict[str, np.ndarray]) -> dict[s
     layout = layout_of({k: torch.from_numpy(v) for k, v in model.items()})
     vec = RandomTrainer.update_for("mallory", 0, model)["weight"].astype(np.float64)
 
-    def signed(run: str, rnd: int) -> bytes:
+    plan = aggregator_plan(kit, 0, model)
+
+    def signed(run: str, rnd: int, **over: object) -> bytes:
+        fields: dict[str, object] = {
+            "dp": client_policy(kit).dp,
+            "plan_digest": plan.digest,
+            "base_model_digest": plan.model_digest,
+            **over,
+        }
         return protect_vector(
             vec,
             ctx=ctx,
@@ -54,6 +64,7 @@ async def misbehave(kit: Kit, port: int, model: dict[str, np.ndarray]) -> dict[s
             signing_key=kit.tls.private_key,
             weight=RandomTrainer.samples_for("mallory") / 1000.0,
             weighting="client",
+            **fields,  # type: ignore[arg-type]
         ).encode()
 
     async def attempt(label: str, payload: bytes) -> None:
@@ -87,6 +98,11 @@ async def misbehave(kit: Kit, port: int, model: dict[str, np.ndarray]) -> dict[s
     tampered = bytearray(signed(run, 0))
     tampered[len(tampered) // 2] ^= 0x55
     await attempt("tampered", messages.encode("upload", round=0, update=bytes(tampered)))
+    await attempt(
+        "other_plan",
+        messages.encode("upload", round=0, update=signed(run, 0, plan_digest=b"p" * 32)),
+    )
+    await attempt("no_dp", messages.encode("upload", round=0, update=signed(run, 0, dp=None)))
     good = signed(run, 0)
     await attempt("valid", messages.encode("upload", round=0, update=good))
     await attempt("duplicate", messages.encode("upload", round=0, update=good))
@@ -120,6 +136,8 @@ def test_bad_input_gets_typed_errors_and_the_round_still_completes(tmp_path: Pat
     assert seen["replay_in_wrong_round"] == "aggregation"
     assert seen["wrong_run"] == "aggregation"
     assert seen["tampered"] in ("bad_envelope", "protocol")
+    assert seen["other_plan"] == "plan_mismatch"
+    assert seen["no_dp"] == "plan_mismatch"
     assert seen["valid"] == "accepted"
     assert seen["duplicate"] == "duplicate_update"
 

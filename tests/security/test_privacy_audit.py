@@ -31,10 +31,10 @@ from secure_xfl.crypto.aggregate import Accumulator
 from secure_xfl.crypto.codec import layout_of
 from secure_xfl.crypto.context import get_preset
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy
-from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.experiments import attacks
 from secure_xfl.experiments.canary import federated_canary_run, make_canary
 from secure_xfl.privacy.dp import DPConfig
+from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.training.lm import LMConfig
 from tests.conftest import contexts
 
@@ -83,9 +83,7 @@ def _protected_round(
         holder = KeyHolder(
             ctx=secret,
             preset=preset,
-            policy=KeyHolderPolicy(
-                run="audit", min_clients=K, noise_multiplier=dp.noise_multiplier if dp else 0.0
-            ),
+            policy=KeyHolderPolicy(run="audit", min_clients=K, dp=dp.spec() if dp else None),
             client_keys={n: k.public_key() for n, k in keys.items()},
             state_dir=Path(state),
         )

@@ -25,7 +25,8 @@ import pytest
 
 from secure_xfl.crypto import pem, pki
 from secure_xfl.kit import Kit
-from secure_xfl.transport import HandshakeFailed, RpcClient, RpcServer, TlsIdentity, messages
+from secure_xfl.protocol import messages
+from secure_xfl.transport import HandshakeFailed, RpcClient, RpcServer, TlsIdentity
 from tests.federation import CLI, Federation, federation
 from tests.security import live
 from tests.security.test_mtls import ALERT_CERTIFICATE_REQUIRED, _raw_client_attempt
