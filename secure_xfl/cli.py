@@ -171,7 +171,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     last = report["rounds"][-1]["loss"]
     print(
         f"demo finished: {report['outcome']} in {report['wall_seconds']} s; "
-        f"held-out loss {first:.3f} -> {last:.3f}; report in {cfg.out}/report.md"
+        f"held-out loss {first:.3f} -> {last:.3f}; report in {cfg.out}/report.md\n"
+        f"audit the ledger: {report['audit_command']}"
     )
     return 0 if report["ok"] else 1
 
@@ -194,20 +195,23 @@ def _audit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="secure-xfl audit",
         description="Verify a privacy ledger, its signer and the clients' signed statements "
-        "against the federation CA, and recompute the (ε, δ) it records. Exit 0: intact and "
-        "within budget; 1: budget exceeded or a claim the signatures do not support; "
-        "2: unreadable, edited or forged.",
+        "against the federation CA, and recompute the (ε, δ) it records, refused decryptions "
+        "included. Exit 0: authentic, intact and within budget; 1: budget exceeded or a claim "
+        "the signatures do not support; 2: no CA given, unreadable, edited or forged.",
     )
     p.add_argument("ledger", metavar="LEDGER", help="privacy ledger (JSON Lines)")
     p.add_argument(
         "--cert", metavar="KEYHOLDER_CERT",
-        help="key holder's PEM certificate (default: keyholder-cert.pem beside the ledger, or "
-        "the kit's cert.pem when the ledger is KIT/state/ledger.jsonl)",
+        help="key holder's PEM certificate (default: the --kit's cert.pem if it is the key "
+        "holder's kit, else keyholder-cert.pem beside the ledger, or KIT/cert.pem when the "
+        "ledger is KIT/state/ledger.jsonl)",
     )  # fmt: skip
+    p.add_argument("--ca", metavar="CA_PEM", help="federation CA certificate (or use --kit)")
+    p.add_argument("--crl", metavar="CRL_PEM", help="CA's CRL (default: crl.pem beside the CA)")
     p.add_argument(
-        "--ca", metavar="CA_PEM",
-        help="federation CA certificate (default: ca.pem beside the ledger, or the kit's "
-        "ca.pem when the ledger is KIT/state/ledger.jsonl)",
+        "--kit", metavar="KIT_DIR",
+        help="a startup kit of the federation: its ca.pem, crl.pem, federation name and, for "
+        "the key holder's kit, cert.pem",
     )  # fmt: skip
     p.add_argument("--delta", type=float, help="δ to report ε at (default: the ledger's)")
     p.add_argument("--budget", type=float, metavar="EPS", help="fail (exit 1) above this ε")
@@ -233,33 +237,37 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     import json
 
     from secure_xfl.privacy.audit import AuditError, audit
+    from secure_xfl.privacy.ledger import kit_trust
 
     parser = _audit_parser()
     try:
         opts = parser.parse_args(args.rest)
     except SystemExit as exc:  # --help (0) or bad arguments (2, message on stderr)
         return exc.code if isinstance(exc.code, int) else 0
-    ledger = Path(opts.ledger)
-    cert = opts.cert or _beside(ledger, "keyholder-cert.pem", "cert.pem")
-    if cert is None:
-        print(f"{parser.prog}: error: no --cert given and none found beside the ledger",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    ca = opts.ca or _beside(ledger, "ca.pem", "ca.pem")
-    if ca is None:
-        print(
-            f"{parser.prog}: warning: no federation CA found (--ca, or ca.pem beside the "
-            "ledger or in its kit): the ledger's signer and the client statements could not "
-            "be checked against the federation CA",
-            file=sys.stderr,
-        )
+    ledger, ca, crl, cert, federation = Path(opts.ledger), opts.ca, opts.crl, opts.cert, None
     try:
+        if opts.kit:  # the trust anchor comes from the auditor's kit, never beside the ledger
+            kit = kit_trust(opts.kit)
+            ca, federation = ca or kit.ca, kit.federation
+            crl = crl or (kit.crl if not opts.ca else None)
+            cert = cert or kit.keyholder_cert
+        cert = cert or _beside(ledger, "keyholder-cert.pem", "cert.pem")
+        if cert is None:
+            raise AuditError("no --cert given and none found beside the ledger or in --kit")
+        if ca is None:
+            raise AuditError(
+                "no federation CA: pass --ca CA_PEM or --kit KIT_DIR; without it the audit "
+                "cannot tell the key holder's ledger from one signed by anybody else"
+            )
+        crl = crl or Path(ca).parent / "crl.pem"
+        if not Path(crl).is_file():
+            raise AuditError(f"no CRL at {crl}: pass --crl CRL_PEM (the CA's revocation list)")
         report = audit(
-            ledger, cert, ca=ca, delta=opts.delta, budget=opts.budget, run=opts.run,
-            expected_entries=opts.expected_entries, expected_head=opts.expected_head,
-            prv=not opts.no_prv,
+            ledger, cert, ca=ca, crl=crl, federation=federation, delta=opts.delta,
+            budget=opts.budget, run=opts.run, expected_entries=opts.expected_entries,
+            expected_head=opts.expected_head, prv=not opts.no_prv,
         )  # fmt: skip
-    except AuditError as exc:
+    except SecureXFLError as exc:  # AuditError, or a --kit that is not a kit
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     if opts.json:

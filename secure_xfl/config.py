@@ -49,6 +49,13 @@ class PrivacySettings:
     """δ of the (ε, δ) guarantee."""
     epsilon_budget: float = 0.0
     """Key holder refuses rounds that would spend more ε than this; 0 = no budget."""
+    max_refused_decryptions: int = 2
+    """Aggregates of one round the key holder may decrypt and refuse (out of bounds or
+    malformed) before the round stops being retried. Each is charged to the budget, so
+    this bounds the extra ε one malicious client can make the federation spend."""
+    min_effective_noise: float = -1.0
+    """Smallest σ_eff the key holder releases; negative (default) = ``noise_multiplier``,
+    so no release carries less noise than this kit asks for."""
 
 
 @dataclass(frozen=True)

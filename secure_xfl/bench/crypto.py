@@ -293,7 +293,8 @@ def _ingest_child(
     for i in range(n):
         # Client i's wire bytes: same ciphertexts, its own signed statement. Made one
         # at a time, so nothing but the running sum outlives an ingest.
-        st = replace(template.statement, client=f"c{i}", weight=_SAMPLES[i % 3])
+        w = _SAMPLES[i % 3] / (_CAP if weighting == "client" else 1.0)
+        st = replace(template.statement, client=f"c{i}", weight=w)
         blob = ProtectedUpdate(
             SignedStatement(st, sign(key, st.signing_bytes())), template.chunks
         ).encode()

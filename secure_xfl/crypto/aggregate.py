@@ -27,6 +27,7 @@ from secure_xfl.crypto.errors import (
     DuplicateUpdate,
     LayoutMismatch,
     SignatureInvalid,
+    WeightOutOfBounds,
 )
 from secure_xfl.crypto.packing import QuantSpec
 
@@ -139,10 +140,16 @@ class Accumulator:
             pki.verify_signature(key, update.signed.signature, st.signing_bytes())
         except Exception as exc:
             raise SignatureInvalid(f"signature of {st.client!r} does not verify") from exc
+        # Checked before any ciphertext is touched: one client signing weight 1e12 must
+        # not shrink every other contribution to nothing.
+        if self.weighting == "client" and not 0 < st.weight <= 1.0:
+            raise WeightOutOfBounds(
+                f"client-applied weight {st.weight} of {st.client!r} is outside (0, 1]"
+            )
         mult = self.multiplier(update.signed)
         if not 0 < mult <= 1.0:
-            raise AggregationError(
-                f"weight {st.weight} of {st.client!r} exceeds weight_scale {self.weight_scale}"
+            raise WeightOutOfBounds(
+                f"weight {st.weight} of {st.client!r} exceeds max_weight {self.weight_scale}"
             )
 
     def _check_quant(self, update: ProtectedUpdate) -> list[int]:

@@ -66,6 +66,13 @@ class DuplicateUpdate(AggregationError):
     code = "duplicate_update"
 
 
+class WeightOutOfBounds(AggregationError):
+    """A signed weight lies outside (0, 1] (client weighting) or (0, max_weight]."""
+
+    code = "weight_out_of_bounds"
+    reason = "weight_out_of_bounds"
+
+
 class DecryptionRefused(CryptoError):
     """The key holder's policy refuses to decrypt; ``reason`` says which rule."""
 

@@ -13,14 +13,11 @@ and a crash or restart can never decrypt a round twice.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import tenseal as ts
@@ -32,11 +29,10 @@ from secure_xfl.crypto.dpspec import DPSpec, effective_noise
 from secure_xfl.crypto.envelope import EncryptedAggregate, SignedStatement
 from secure_xfl.crypto.errors import CodecError, DecryptionRefused, EnvelopeError
 from secure_xfl.crypto.packing import QuantSpec, unpack_vector
+from secure_xfl.crypto.record import DecryptionRecord
+from secure_xfl.crypto.release import l2_norm, release_bound
 
 log = logging.getLogger(__name__)
-
-#: Bound on the decryption record file read at start-up.
-MAX_STATE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -49,8 +45,14 @@ class KeyHolderPolicy:
     """Fewest distinct, enrolled, signing clients an aggregate must cover."""
     dp: DPSpec | None = None
     """Weakest client-level DP every entry must have signed (``None``: no DP required)."""
-    min_effective_noise: float = 0.0
-    """Refuse aggregates whose effective noise multiplier falls below this."""
+    min_effective_noise: float | None = None
+    """Refuse aggregates whose effective noise multiplier falls below this (``None``:
+    the policy's own σ, so no release ever carries less noise than the kit asks)."""
+    max_weight: float = 1e6
+    """Largest signed weight under aggregator weighting (client weighting: 1)."""
+    max_attempts: int = 2
+    """Refused decryptions (aggregates failing validation) allowed per round; each is
+    charged to the budget, so this bounds what one malicious client can make it burn."""
     buffered: bool = False
     """Buffered asynchronous run: entries may have trained on earlier rounds' plans."""
     max_staleness: int = 4
@@ -59,8 +61,17 @@ class KeyHolderPolicy:
     def __post_init__(self) -> None:
         if self.min_clients < 1:
             raise ValueError("min_clients must be ≥ 1")
-        if self.min_effective_noise < 0:
+        if self.min_effective_noise is not None and self.min_effective_noise < 0:
             raise ValueError("min_effective_noise must be ≥ 0")
+        if not self.max_weight > 0 or self.max_attempts < 0:
+            raise ValueError("max_weight must be > 0 and max_attempts ≥ 0")
+
+    @property
+    def noise_floor(self) -> float:
+        """The smallest σ_eff this key holder releases."""
+        if self.min_effective_noise is not None:
+            return self.min_effective_noise
+        return 0.0 if self.dp is None else self.dp.noise_multiplier
         if self.max_staleness < 0:
             raise ValueError("max_staleness must be ≥ 0")
 
@@ -123,6 +134,7 @@ class KeyHolder:
         state_dir: Path,
         before_release: Callable[[Release], None] | None = None,
         after_release: Callable[[Release], None] | None = None,
+        on_refused: Callable[[Release, str], None] | None = None,
     ) -> None:
         if not ctx.has_secret_key():
             raise DecryptionRefused("no_secret_key", "the key holder needs the secret context")
@@ -132,47 +144,12 @@ class KeyHolder:
         self.client_keys = dict(client_keys)
         self.before_release = before_release
         self.after_release = after_release
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._state_path = state_dir / "decrypted.jsonl"
-        # An exclusive lock: two key-holder processes on one state dir could
-        # otherwise each decrypt the same round once.
-        self._lock = open(state_dir / ".lock", "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise DecryptionRefused("state_locked", f"{state_dir} is in use") from None
-        self._done = self._load_state()
-
-    def _load_state(self) -> set[tuple[str, int]]:
-        if not self._state_path.exists():
-            return set()
-        if self._state_path.stat().st_size > MAX_STATE_BYTES:
-            raise DecryptionRefused("state_corrupt", "decryption record is too large")
-        done: set[tuple[str, int]] = set()
-        for n, line in enumerate(self._state_path.read_text().splitlines(), 1):
-            try:
-                rec = json.loads(line)
-                done.add((str(rec["run"]), int(rec["round"])))
-            except (ValueError, KeyError, TypeError):
-                # A torn last line from a crash is still a burnt round we cannot name;
-                # refusing to start is the safe answer.
-                raise DecryptionRefused(
-                    "state_corrupt", f"line {n} of {self._state_path}"
-                ) from None
-        return done
+        self.on_refused = on_refused
+        self.record = DecryptionRecord(state_dir)
 
     def already_decrypted(self, run: str, round: int) -> bool:
-        """Whether (run, round) was released (or burnt) before, across restarts."""
-        return (run, round) in self._done
-
-    def _mark(self, run: str, round: int) -> None:
-        fd = os.open(self._state_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, (json.dumps({"run": run, "round": round}) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._done.add((run, round))
+        """Whether (run, round) was released before, across restarts."""
+        return self.record.released(run, round)
 
     def check(self, agg: EncryptedAggregate) -> Release:
         """Apply every policy rule; returns what would be released."""
@@ -213,6 +190,12 @@ class KeyHolder:
             )
         if self.already_decrypted(agg.run, agg.round):
             raise DecryptionRefused("already_decrypted", f"run {agg.run!r} round {agg.round}")
+        if self.record.refused(agg.run, agg.round) >= pol.max_attempts:
+            raise DecryptionRefused(
+                "too_many_attempts",
+                f"round {agg.round} was refused {pol.max_attempts} times after decryption",
+            )
+        self._check_weights(agg)
         if agg.weighting == "aggregator":
             weights = tuple(s.statement.weight / agg.weight_scale for s in agg.manifest)
         else:
@@ -227,8 +210,15 @@ class KeyHolder:
             except EnvelopeError as exc:
                 raise DecryptionRefused("bad_weights", str(exc)) from None
             delta = signed_specs[0].delta
-        if sigma < pol.min_effective_noise:
-            raise DecryptionRefused("noise_too_low", f"effective σ {sigma:.3f}")
+        if sigma < pol.noise_floor * (1 - 1e-12):
+            hint = (
+                "; aggregator-side weights lower σ_eff: use client weighting"
+                if agg.weighting == "aggregator"
+                else ""
+            )
+            raise DecryptionRefused(
+                "noise_too_low", f"effective σ {sigma:.3f} < floor {pol.noise_floor:g}{hint}"
+            )
         order = sorted(range(len(names)), key=lambda i: names[i])
         return Release(
             run=agg.run,
@@ -241,6 +231,17 @@ class KeyHolder:
             statements=tuple(agg.manifest[i] for i in order),
             weight_scale=agg.weight_scale if agg.weighting == "aggregator" else 1.0,
         )
+
+    def _check_weights(self, agg: EncryptedAggregate) -> None:
+        """Every signed weight within this key holder's own bounds."""
+        for signed in agg.manifest:
+            w = signed.statement.weight
+            hi = 1.0 if agg.weighting == "client" else self.policy.max_weight
+            if not 0 < w <= hi or (agg.weighting == "aggregator" and w > agg.weight_scale):
+                raise DecryptionRefused(
+                    "weight_out_of_bounds",
+                    f"{signed.statement.client!r} signed weight {w:g} outside (0, {hi:g}]",
+                )
 
     def _check_plans(self, agg: EncryptedAggregate) -> None:
         """Every entry signed DP at least the policy's, and all trained on one plan."""
@@ -328,23 +329,23 @@ class KeyHolder:
         ]
         total = float(sum(s.statement.weight for s in agg.manifest))
         divisor = sum(release.weights) if agg.weighting == "aggregator" else total
-        # Decrypt and validate in memory before anything is charged or recorded: a
-        # malformed aggregate (bad lanes, out-of-range values) is refused and the round
-        # stays open for an honest retry.
+        if self.before_release:
+            self.before_release(release)  # the budget: this decryption will be charged
+        # Decrypt and validate in memory before anything is released: a malformed or
+        # out-of-bounds aggregate is charged and refused, and its round stays open for
+        # a retry with fresh noise from every client.
         try:
             if quant is None:
-                vector = decrypt_chunks(vectors, agg.numel) / divisor
+                total_sum = decrypt_chunks(vectors, agg.numel)
             else:
                 values = [np.asarray(v.decrypt(), dtype=np.float64) for v in vectors]
                 n = len(agg.manifest)
-                vector = unpack_vector(values, quant, n, agg.numel, self.preset.slots) / divisor
+                total_sum = unpack_vector(values, quant, n, agg.numel, self.preset.slots)
         except CodecError as exc:
-            raise DecryptionRefused("invalid_aggregate", str(exc)) from None
-        if not np.isfinite(vector).all():
-            raise DecryptionRefused("invalid_aggregate", "decrypted values are not finite")
-        if self.before_release:
-            self.before_release(release)  # e.g. the privacy budget; may refuse
-        self._mark(agg.run, agg.round)
+            self._refuse(release, "aggregate_invalid", str(exc))
+        self._validate(agg, release, total_sum, quant)
+        vector = total_sum / divisor
+        self.record.mark_released(agg.run, agg.round)
         if self.after_release:
             self.after_release(release)  # the ledger line exists before the plaintext leaves
         log.info(
@@ -356,6 +357,46 @@ class KeyHolder:
         )
         return DecryptedAggregate(release=release, vector=vector, total_weight=total)
 
+    def _validate(
+        self,
+        agg: EncryptedAggregate,
+        release: Release,
+        total_sum: np.ndarray,
+        quant: QuantSpec | None,
+    ) -> None:
+        """Finite, and within the release bound of what the clients signed."""
+        if not np.isfinite(total_sum).all():
+            self._refuse(release, "aggregate_invalid", "decrypted values are not finite")
+        specs = [s.statement.dp for s in agg.manifest]
+        if any(d is None for d in specs):
+            return  # no signed clip: no bound to hold the release to (policy allowed it)
+        bound = release_bound(
+            [d for d in specs if d is not None],
+            [s.statement.weight for s in agg.manifest],
+            [1.0 if agg.weighting == "client" else s.statement.weight / agg.weight_scale
+             for s in agg.manifest],
+            numel=agg.numel,
+            preset=self.preset,
+            quant=quant,
+            client_weighted=agg.weighting == "client",
+        )  # fmt: skip
+        norm = l2_norm(total_sum)
+        if norm > bound:
+            self._refuse(
+                release,
+                "aggregate_out_of_bounds",
+                f"‖sum‖ = {norm:.4g} > {bound:.4g}, the bound of what the clients signed",
+            )
+
+    def _refuse(self, release: Release, reason: str, detail: str) -> NoReturn:
+        """Charge and record a decryption whose aggregate failed validation, then refuse."""
+        log.warning("round %d of run %s refused after decryption: %s: %s",
+                    release.round, release.run, reason, detail)  # fmt: skip
+        if self.on_refused:
+            self.on_refused(release, reason)  # on the ledger and charged, before the record
+        self.record.mark_refused(release.run, release.round, reason)
+        raise DecryptionRefused(reason, detail)
+
     def close(self) -> None:
         """Release the state-directory lock."""
-        self._lock.close()
+        self.record.close()

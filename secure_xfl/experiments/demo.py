@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -199,6 +200,8 @@ def run_federation(cfg: DemoConfig, work: Path) -> tuple[list[dict[str, Any]], d
     records = [json.loads(line) for line in rounds_file.read_text().splitlines()]
     outcome["ledger"] = str(fed / "keyholder" / "state" / "ledger.jsonl")
     outcome["keyholder_cert"] = str(fed / "keyholder" / "cert.pem")
+    outcome["ca"] = str(fed / "ca" / "ca.pem")  # the provisioner's: the federation's anchor
+    outcome["crl"] = str(fed / "ca" / "crl.pem")
     return records, outcome
 
 
@@ -209,7 +212,8 @@ def _finite(x: Any) -> Any:
 def write_report(
     cfg: DemoConfig, records: list[dict[str, Any]], outcome: dict[str, Any], seconds: float
 ) -> dict[str, Any]:
-    """report.json, report.md, loss.png, bytes.png and ledger.jsonl under ``cfg.out``."""
+    """report.json, report.md, loss.png, bytes.png, and the ledger with what audits it
+    (ledger.jsonl, keyholder-cert.pem, ca.pem, crl.pem) under ``cfg.out``."""
     from secure_xfl.privacy.audit import audit
 
     out = cfg.out
@@ -227,9 +231,16 @@ def write_report(
         }
         for r in records
     ]
-    shutil.copy(outcome["ledger"], out / "ledger.jsonl")
-    shutil.copy(outcome["keyholder_cert"], out / "keyholder-cert.pem")
-    report_audit = audit(out / "ledger.jsonl", out / "keyholder-cert.pem")
+    for src, name in (("ledger", "ledger.jsonl"), ("keyholder_cert", "keyholder-cert.pem"),
+                      ("ca", "ca.pem"), ("crl", "crl.pem")):  # fmt: skip
+        shutil.copy(outcome[src], out / name)
+    report_audit = audit(
+        out / "ledger.jsonl", out / "keyholder-cert.pem", ca=out / "ca.pem", crl=out / "crl.pem"
+    )
+    # What a user runs to check it again: the key holder's cert and the CRL are found
+    # beside the ledger and the CA; the CA itself must always be named.
+    command = shlex.join(["secure-xfl", "audit", str(out / "ledger.jsonl"),
+                          "--ca", str(out / "ca.pem")])  # fmt: skip
     report = {
         "initial": outcome.get("initial"),
         "rounds": rounds,
@@ -238,6 +249,7 @@ def write_report(
         "wall_seconds": round(seconds, 1),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
         "audit": report_audit.to_json(),
+        "audit_command": command,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     _plots(out, rounds, (outcome.get("initial") or {}).get("loss"))
@@ -269,6 +281,13 @@ def write_report(
         "![loss](loss.png) ![bytes](bytes.png)",
         "",
         "## Ledger audit",
+        "",
+        "Every decryption is on the signed ledger, refused ones included (they are charged",
+        "in ε too). Check it against the federation CA yourself:",
+        "",
+        "```",
+        command,
+        "```",
         "",
         "```",
         report_audit.table(),

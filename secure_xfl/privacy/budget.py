@@ -1,6 +1,6 @@
 """One privacy budget per run: the ε the key holder enforces and the audit recomputes.
 
-A :class:`PrivacyBudget` holds the released rounds of one run at one δ and
+A :class:`PrivacyBudget` holds the decryptions of one run at one δ and
 answers the two questions both sides ask, with the same arithmetic (the RDP
 accountant of :mod:`secure_xfl.privacy.accountant`):
 
@@ -11,6 +11,12 @@ accountant of :mod:`secure_xfl.privacy.accountant`):
   1. Once the ledger (and the aggregator) know who took part, selection hides
   nothing, so no amplification can be claimed; rounds a client sat out never
   touched its data and cost it nothing.
+
+Every decryption counts, released or refused: a refused aggregate was still
+decrypted (the key holder saw it), so it is one more application of the
+Gaussian mechanism to the participants' data, and retries of a round over
+overlapping cohorts could be differenced. A round refused once and then
+released costs two mechanisms.
 
 A budget binds both figures: :meth:`PrivacyBudget.would_exceed` checks the
 projected federation ε and the most exposed participant's ε before a release.
@@ -55,7 +61,7 @@ def _check_round(noise_multiplier: float, sample_rate: float, participants: Sequ
 
 
 class PrivacyBudget:
-    """Released rounds of one run at one δ; see the module docstring for the two views."""
+    """Decryptions (released and refused) of one run at one δ; see the module docstring."""
 
     def __init__(self, run: str, delta: float = DEFAULT_DELTA) -> None:
         d = float(delta)
@@ -77,9 +83,10 @@ class PrivacyBudget:
     ) -> PrivacyBudget:
         """Budget of ``run`` from ledger entries (other runs' entries are skipped).
 
-        Uses each entry's *recorded* σ_eff and sample rate: what the key holder
-        itself wrote. The audit, which does not take σ on the key holder's
-        word, calls :meth:`step` with the σ it recomputed from the signatures.
+        Every entry counts, whatever its ``outcome``. Uses each entry's
+        *recorded* σ_eff and sample rate: what the key holder itself wrote. The
+        audit, which does not take σ on the key holder's word, calls
+        :meth:`step` with the σ it recomputed from the signatures.
         """
         budget = cls(run, delta)
         for e in entries:
@@ -101,7 +108,8 @@ class PrivacyBudget:
     def step(
         self, noise_multiplier: float, sample_rate: float, participants: Sequence[str]
     ) -> None:
-        """Add one released round: σ_eff, client sampling rate, who took part."""
+        """Add one decryption (released or refused): σ_eff, client sampling rate, who
+        took part."""
         people = list(participants)
         _check_round(noise_multiplier, sample_rate, people)
         sigma, q = float(noise_multiplier), float(sample_rate)
@@ -116,7 +124,7 @@ class PrivacyBudget:
 
     @property
     def rounds(self) -> int:
-        """Number of released rounds recorded."""
+        """Number of decryptions recorded (released and refused)."""
         return len(self._history)
 
     def history(self) -> list[tuple[float, float, int]]:
@@ -128,7 +136,7 @@ class PrivacyBudget:
         return sorted(self._clients)
 
     def client_rounds(self, client: str) -> int:
-        """How many released rounds ``client`` took part in."""
+        """How many decryptions (released or refused) ``client`` took part in."""
         return len(self._clients.get(client, ()))
 
     def client_history(self, client: str) -> list[tuple[float, float, int]]:
@@ -138,6 +146,11 @@ class PrivacyBudget:
     def federation_rdp(self) -> Curve:
         """RDP curve of the federation history (for ε at another δ, e.g. an entry's)."""
         return self._fed.copy()
+
+    def client_rdp(self, client: str) -> Curve:
+        """RDP curve of one client's history (zero for a client that never took part)."""
+        curve = self._client_curves.get(client)
+        return rdp_curve([]) if curve is None else curve.copy()
 
     def federation_epsilon(self, method: Method = "rdp") -> float:
         """Federation ε at :attr:`delta` (``inf`` once any round had no noise)."""
@@ -155,8 +168,9 @@ class PrivacyBudget:
     def projected(
         self, noise_multiplier: float, sample_rate: float, participants: Sequence[str]
     ) -> tuple[float, float, str | None]:
-        """(federation ε, worst participant's ε, that participant) if this round were
-        released; the budget itself is not changed."""
+        """(federation ε, worst participant's ε, that participant) after one more
+        decryption of this round, released or refused; the budget is not changed.
+        The second figure is what a ledger entry records as ``client_epsilon``."""
         people = list(participants)
         _check_round(noise_multiplier, sample_rate, people)
         sigma, q = float(noise_multiplier), float(sample_rate)
@@ -177,7 +191,7 @@ class PrivacyBudget:
         sample_rate: float,
         participants: Sequence[str],
     ) -> str | None:
-        """Why releasing this round would exceed ``budget`` (ε), or ``None`` if it fits.
+        """Why decrypting this round would exceed ``budget`` (ε), or ``None`` if it fits.
 
         Both the federation figure and the most exposed participant's are held
         to the budget; the reason names which one (and the client) breaks it.

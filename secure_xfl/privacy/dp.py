@@ -153,11 +153,17 @@ def _as_float64(vec: Any, *, inplace: bool) -> FloatArray:
     caller's buffer is modified; anything else is converted into a fresh array.
     """
     if hasattr(vec, "detach") and type(vec).__module__.startswith("torch"):
-        # torch is imported by callers, not here: importing it costs seconds.
-        vec = vec.detach().cpu().numpy()
+        # torch is imported by callers, not here: importing it costs seconds. numpy has
+        # no bfloat16, so low-precision floats are widened by torch before crossing.
+        t = vec.detach().cpu()
+        if t.is_floating_point() and t.element_size() < 4:
+            t = t.double()
+        elif t.is_complex() or str(t.dtype) == "torch.bool":
+            raise InvalidUpdate(f"update must be real-valued, got dtype {t.dtype}")
+        vec = t.numpy()
         inplace = False  # never write back into a tensor's storage
     arr = np.asarray(vec)
-    if arr.dtype.kind not in "fiu":
+    if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
         raise InvalidUpdate(f"update must be real-valued, got dtype {arr.dtype}")
     if inplace and arr.dtype == np.float64 and arr.flags.c_contiguous and arr.flags.writeable:
         return arr

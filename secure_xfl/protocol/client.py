@@ -118,6 +118,7 @@ class ClientRound:
         self.policy = policy
         self.state: State = "joining"
         self.last = -1  # last round this client finished (uploaded, dropped or declined)
+        self.last_attempt = 0  # … and which attempt of it (re-opened rounds retrain)
         self.rounds_done: list[int] = []
         self.refusals: list[str] = []
         self._deadline: float | None = None
@@ -137,7 +138,7 @@ class ClientRound:
         self._deadline = None
         if self.state == "retargeting":
             return [Call("hello", {})]
-        return [Call("task", {"after": self.last})]
+        return [self._ask()]
 
     # -- inputs ------------------------------------------------------------------------
     def start(self, now: float) -> list[Action]:
@@ -163,7 +164,7 @@ class ClientRound:
             return self._finish_round()
         if kind == "ack" and self.state == "declining":
             self.state = "idle"
-            return [Call("task", {"after": self.last})]
+            return [self._ask()]
         raise messages.ProtocolError(f"unexpected {kind!r} reply in state {self.state}")
 
     def on_error(self, code: str, message: str, now: float) -> list[Action]:
@@ -190,11 +191,14 @@ class ClientRound:
         return [self._seal(plan.round)]
 
     # -- internals ---------------------------------------------------------------------
+    def _ask(self) -> Call:
+        return Call("task", {"after": self.last, "attempt": self.last_attempt})
+
     def _on_welcome(self, msg: Mapping[str, Any], now: float) -> list[Action]:
         if self.state == "joining":
             self.state = "idle"
             log.info("joined run %s at round %s", msg.get("run"), msg.get("round"))
-            return [Call("task", {"after": self.last})]
+            return [self._ask()]
         if self.state != "retargeting" or self._pending is None:
             return []
         plan = self._pending[0]
@@ -227,7 +231,7 @@ class ClientRound:
                 exc,
             )
             self.state = "declining"
-            self.last = plan.round
+            self.last, self.last_attempt = plan.round, plan.attempt
             return [Decline(plan.round, exc.reason, exc.detail)]
         if model_digest(model) != plan.model_digest:
             raise messages.ProtocolError("the model sent does not match the plan's digest")
@@ -255,7 +259,9 @@ class ClientRound:
 
     def _finish_round(self) -> list[Action]:
         assert self._pending is not None
-        self.last = max(self.last, self._pending[0].round)
+        plan = self._pending[0]
+        if (plan.round, plan.attempt) > (self.last, self.last_attempt):
+            self.last, self.last_attempt = plan.round, plan.attempt
         self._pending = None
         self.state = "idle"
-        return [Call("task", {"after": self.last})]
+        return [self._ask()]

@@ -86,6 +86,9 @@ class CoordinatorSettings:
     """Public bound on weights; aggregator-side multipliers are weight / weight_cap."""
     max_staleness: int = 4
     """Buffered async: rounds an update may trail the round it is counted in."""
+    max_refused: int = 2
+    """Times a round is re-opened after the key holder refused its aggregate as invalid
+    or out of bounds (each refusal is charged to the budget); then the run stops."""
     give_up_after_s: float = 0.0
     """Fail the run when a round has fewer than min_clients this long after opening
     (0 = the larger of three times ``timeout_s`` and 300 s, so slow starts survive)."""
@@ -105,6 +108,7 @@ def propose_plan(
     rule: str,
     enrolled: int,
     loss_ref: float | None = None,
+    attempt: int = 0,
 ) -> RoundPlan:
     """The plan an aggregator with settings ``s`` proposes for ``round`` over ``model``."""
     quant = None
@@ -132,7 +136,12 @@ def propose_plan(
         deadline_s=s.timeout_s,
         max_staleness=s.max_staleness,
         loss_ref=loss_ref,
+        attempt=attempt,
     )
+
+
+#: Key-holder refusals after decryption: the round is re-opened, not burnt.
+RETRYABLE = frozenset({"aggregate_invalid", "aggregate_out_of_bounds"})
 
 
 class Coordinator:
@@ -167,6 +176,8 @@ class Coordinator:
         self.loss_ref: float | None = None
         self.declined: dict[str, str] = {}  # client -> why it refused this round's plan
         self._plans: dict[int, RoundPlan] = {}  # recent plans, for buffered async
+        self.attempt = 0  # re-opened after refused aggregates
+        self.refused_cohorts: list[str] = []
         self._open(now)
 
     # -- state ---------------------------------------------------------------------------
@@ -180,6 +191,7 @@ class Coordinator:
             rule=self.rule.name,
             enrolled=len(self.enrolled()),
             loss_ref=self.loss_ref,
+            attempt=self.attempt,
         )
         quant = self.plan.quant
         self._plans[self.round] = self.plan
@@ -226,7 +238,9 @@ class Coordinator:
             "phase": self.phase,
         }
 
-    def task(self, peer: str, after: int, now: float | None = None) -> Offer | Wait | Finished:
+    def task(
+        self, peer: str, after: int, now: float | None = None, attempt: int = 1 << 30
+    ) -> Offer | Wait | Finished:
         """The round a client should work on next, :class:`Wait` or :class:`Finished`.
 
         The round's deadline runs from the first time it is handed to a client
@@ -237,7 +251,7 @@ class Coordinator:
             return Finished(ok=self.ok, reason=self.outcome, rounds=len(self.history))
         if (
             self.phase != "collecting"
-            or self.round <= after
+            or (self.round, self.attempt) <= (after, attempt)
             or peer in self.acc.clients
             or peer in self.declined
         ):
@@ -278,8 +292,10 @@ class Coordinator:
                 f"round {round} is not collecting (current {self.round}, {self.phase})"
             )
         update = ProtectedUpdate.decode(blob)
-        if update.statement.round == self.round:
-            self._check_plan(update)  # another round's update is the accumulator's refusal
+        # Identity, run, round, shape, weight and signature first (the most specific
+        # refusal), then whether the signed plan, model and DP are this round's.
+        self.acc.check(update, peer=peer)
+        self._check_plan(update)
         self.acc.add(update, peer=peer)
         self.record.bytes_up += len(blob)
         log.info(
@@ -405,6 +421,23 @@ class Coordinator:
         text = str(error)
         reason = reason or getattr(error, "reason", None)
         self.record.info = {"refused": text, "reason": reason}
+        if reason in RETRYABLE:
+            cohort = f"attempt {self.attempt}: {', '.join(self.record.participants)} ({reason})"
+            self.refused_cohorts.append(cohort)
+            if self.attempt < self.settings.max_refused:
+                # The round is not burnt: re-open it, every client retrains with fresh
+                # noise (the refused decryption was charged by the key holder).
+                log.warning("round %d refused by the key holder (%s); re-opening it", round, text)
+                self.attempt += 1
+                self._open(now)
+                return
+            self._finish(
+                f"round {round} refused {self.attempt + 1} times by the key holder: "
+                + "; ".join(self.refused_cohorts),
+                now,
+                ok=False,
+            )
+            return
         if reason == "budget_exceeded" or (reason is None and "budget_exceeded" in text):
             self.budget_exhausted = True
             self._finish(
@@ -414,7 +447,13 @@ class Coordinator:
                 ok=True,
             )
         else:
-            self._finish(f"key holder refused round {round}: {text}", now, ok=False)
+            earlier = f"; refused before: {'; '.join(self.refused_cohorts)}"
+            self._finish(
+                f"key holder refused round {round}: {text}"
+                + (earlier if self.refused_cohorts else ""),
+                now,
+                ok=False,
+            )
 
     def _finish(self, outcome: str, now: float, *, ok: bool) -> None:
         self.phase = "finished"

@@ -151,6 +151,9 @@ class RoundPlan:
     """Buffered async: rounds an update may trail the one it is counted in."""
     loss_ref: float | None = None
     """Dynamic weighting: public reference loss (the previous round's smallest)."""
+    attempt: int = 0
+    """Re-opened round: the key holder refused attempt ``attempt − 1`` after decryption
+    (an aggregate out of bounds); every client retrains with fresh noise."""
 
     def to_wire(self) -> list[Any]:
         """Positional form; also what :attr:`digest` covers."""
@@ -170,6 +173,7 @@ class RoundPlan:
             self.deadline_s,
             self.max_staleness,
             self.loss_ref,
+            self.attempt,
         ]
 
     @property
@@ -181,8 +185,8 @@ class RoundPlan:
     @classmethod
     def from_wire(cls, obj: object) -> RoundPlan:
         """Strict parse (typed :class:`ProtocolError` on any defect)."""
-        if not isinstance(obj, list) or len(obj) != 15:
-            raise ProtocolError("plan must be a list of 15 fields")
+        if not isinstance(obj, list) or len(obj) != 16:
+            raise ProtocolError("plan must be a list of 16 fields")
         weighting = obj[9]
         if weighting not in _WEIGHTINGS:
             raise ProtocolError(f"plan.weighting must be one of {_WEIGHTINGS}")
@@ -207,6 +211,7 @@ class RoundPlan:
             deadline_s=_num(obj[12], "deadline_s", 0.0, 1e7),
             max_staleness=_int(obj[13], "max_staleness", 0, 1000),
             loss_ref=None if obj[14] is None else _num(obj[14], "loss_ref", 0.0),
+            attempt=_int(obj[15], "attempt", 0, 1000),
         )
 
 

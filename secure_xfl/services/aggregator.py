@@ -61,6 +61,7 @@ def coordinator_settings(kit: Kit) -> CoordinatorSettings:
         # amplify the CKKS error floor.
         weight_cap=1.0 if rule == "dynamic" else cfg.round.effective_weight_cap,
         max_staleness=cfg.round.max_staleness,
+        max_refused=cfg.privacy.max_refused_decryptions,
     )
 
 
@@ -124,7 +125,9 @@ class AggregatorService:
             if msg["t"] == "hello":
                 return messages.encode("welcome", **self.core.hello(name))
             if msg["t"] == "task":
-                return self._task(name, messages.require(msg, "after", int, lo=-1, hi=2**31))
+                after = messages.require(msg, "after", int, lo=-1, hi=2**31)
+                attempt = messages.require(msg, "attempt", int, lo=0, hi=2**31, optional=True)
+                return self._task(name, after, 1 << 30 if attempt is None else attempt)
             rnd = messages.require(msg, "round", int, lo=0, hi=2**31)
             if msg["t"] == "decline":
                 reason = messages.require(msg, "reason", str)[:64]
@@ -138,8 +141,8 @@ class AggregatorService:
             self._wake.set()
             return messages.encode("ack", round=ack.round, accepted=True, count=ack.count)
 
-    def _task(self, name: str, after: int) -> bytes:
-        out = self.core.task(name, after, time.monotonic())
+    def _task(self, name: str, after: int, attempt: int) -> bytes:
+        out = self.core.task(name, after, time.monotonic(), attempt)
         if isinstance(out, Finished):
             self._done_seen.add(name)
             return messages.encode("done", reason=out.reason, rounds=out.rounds, ok=out.ok)
@@ -246,6 +249,29 @@ class AggregatorService:
         return core.ok
 
 
+def request_limits(core: Coordinator) -> Callable[[str], int]:
+    """Largest acceptable request per message type (the transport refuses the rest as
+    it arrives): control messages are small; an upload is one encrypted update of
+    ``core.layout`` under ``core.preset`` — a fresh ciphertext's measured size times the
+    chunk count (packed presets: ``slots x lanes`` values per chunk, from the current
+    plan, as ``QuantSpec.chunk_params``) — plus 10 % and 64 KiB for the signed statement
+    and msgpack framing."""
+    from secure_xfl.crypto.codec import encrypt_slots
+    from secure_xfl.transport.limits import limits_table
+
+    preset, numel, quant = core.preset, core.layout.numel, core.plan.quant
+    scale = None if quant is None else 2.0**quant.scale_bits
+    chunk = len(encrypt_slots(core.ctx, [np.zeros(preset.slots)], scale=scale)[0])
+
+    def upload() -> int:
+        q = core.plan.quant  # lanes follow the plan (they depend on the enrolment)
+        chunks = -(-numel // (preset.slots * (1 if q is None else q.lanes)))
+        return int(chunks * chunk * 1.1) + (64 << 10)
+
+    small = 16 << 10  # decline: reason and detail strings of ≤ 4096 bytes each
+    return limits_table({"hello": small, "task": small, "decline": small, "upload": upload})
+
+
 async def serve_aggregator(
     kit: Kit,
     *,
@@ -265,7 +291,11 @@ async def serve_aggregator(
         evaluator=evaluator,
     )
     server = RpcServer(
-        tls=kit.tls, allowed_roles=("client",), handler=service.handle, config=kit.config.transport
+        tls=kit.tls,
+        allowed_roles=("client",),
+        handler=service.handle,
+        config=kit.config.transport,
+        limits=request_limits(service.core),
     )
     host, port = parse_address(listen)
     bound = await server.start(host, port)

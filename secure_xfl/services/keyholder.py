@@ -27,6 +27,7 @@ from secure_xfl.privacy.ledger import PrivacyLedger
 from secure_xfl.protocol import messages
 from secure_xfl.protocol.rules import make_rule
 from secure_xfl.services.runtime import install_stop_signals, parse_address, watch_crl
+from secure_xfl.transport.limits import Limits, limits_table
 from secure_xfl.transport.rpc import RpcServer
 
 log = logging.getLogger("secure_xfl.keyholder")
@@ -49,6 +50,9 @@ def keyholder_policy(kit: Kit) -> KeyHolderPolicy:
         ),
         buffered=make_rule(cfg.round.rule).buffered,
         max_staleness=cfg.round.max_staleness,
+        max_weight=1.0 if cfg.round.rule == "dynamic" else cfg.round.effective_weight_cap,
+        max_attempts=p.max_refused_decryptions,
+        min_effective_noise=None if p.min_effective_noise < 0 else p.min_effective_noise,
     )
 
 
@@ -170,6 +174,14 @@ class KeyHolderService:
         )
 
 
+def request_limits(kit: Kit) -> Limits:
+    """Largest acceptable request per message type: ``status`` is small; ``decrypt``
+    carries one aggregate (an upload's worth of ciphertext plus a manifest of signed
+    statements) of a layout the key holder only learns from the request itself, so it
+    is bounded by the kit's ``transport.max_message_bytes``."""
+    return limits_table({"status": 4 << 10, "decrypt": kit.config.transport.max_message_bytes})
+
+
 async def serve_keyholder(kit: Kit, listen: str, *, ready: Any = None) -> None:
     """Run the key holder until SIGTERM/SIGINT."""
     service = KeyHolderService(kit)
@@ -178,6 +190,7 @@ async def serve_keyholder(kit: Kit, listen: str, *, ready: Any = None) -> None:
         allowed_roles=("aggregator",),
         handler=service.handle,
         config=kit.config.transport,
+        limits=request_limits(kit),
     )
     host, port = parse_address(listen)
     bound = await server.start(host, port)

@@ -50,10 +50,33 @@ class TransportConfig:
     long is reset, so a stalled peer cannot pin a handler or buffers forever."""
     max_message_bytes: int = _GIB
     """Upper bound on one request or response body; the receiver stops reading and
-    resets the stream the moment it is exceeded. RpcServer may override it."""
-    max_concurrent_streams: int = 64
-    """Most requests in flight per connection (client waits; server refuses extras).
-    aioquic itself caps peer-opened bidirectional streams at 128."""
+    resets the stream the moment it is exceeded. RpcServer may override it, and its
+    per-type ``limits`` (e.g. the aggregator's upload size from the layout) are capped
+    by it."""
+    max_concurrent_streams: int = 8
+    """Most requests in flight per connection, counting requests still arriving and
+    requests being handled (the client waits for a slot; the server refuses extras
+    with ``busy``). aioquic itself caps peer-opened bidirectional streams at 128."""
+    max_connections_per_peer: int = 4
+    """Most connections one verified identity (SPIFFE id) may hold open on a server.
+    A further connection is closed right after its certificate is verified (QUIC
+    application error 0x103, "too many connections"); the client raises
+    ``TooManyConnections``. With ``max_concurrent_streams`` this bounds one peer to
+    ``max_connections_per_peer x max_concurrent_streams`` requests in flight."""
+    max_buffered_bytes: int = 256 << 20
+    """Server-wide budget for buffered request bytes. A request claims its type's limit
+    once its type is known (before that, the bytes it sent; without per-type limits,
+    the bytes it sent so far); a request whose claim does not fit is refused with
+    ``busy`` instead of being buffered. Claims are released when the request is
+    answered, refused, reset or times out. The budget is never below the claim of the
+    request being admitted, so one request of the largest kind is always admissible
+    on an idle server: the bound is ``max(max_buffered_bytes, largest limit)``."""
+    min_request_rate_bytes_s: float = 32768.0
+    """Slowest average rate at which a request may arrive, after a grace period of
+    ``stream_timeout_s`` from its first byte: a request with fewer than
+    ``rate x (elapsed - stream_timeout_s)`` bytes is reset (``stream_timeout``), so a
+    peer trickling bytes cannot pin a slot or a buffer claim for long (a request of
+    ``n`` bytes may take at most ``stream_timeout_s + n / rate``). 0 disables it."""
     alpn: str = ALPN
     """ALPN protocol id; both sides must agree or the handshake fails."""
     flow_control_window_bytes: int = 16 << 20
@@ -83,6 +106,12 @@ class TransportConfig:
             raise ConfigError("max_message_bytes must be positive")
         if not 1 <= self.max_concurrent_streams <= 128:
             raise ConfigError("max_concurrent_streams must be within [1, 128]")
+        if not 1 <= self.max_connections_per_peer <= 1024:
+            raise ConfigError("max_connections_per_peer must be within [1, 1024]")
+        if self.max_buffered_bytes < 1 << 20:
+            raise ConfigError("max_buffered_bytes must be at least 1 MiB")
+        if not 0 <= self.min_request_rate_bytes_s < float("inf"):
+            raise ConfigError("min_request_rate_bytes_s must be finite and not negative")
         if not self.alpn or len(self.alpn) > 255:
             raise ConfigError("alpn must be 1..255 characters")
         if self.flow_control_window_bytes < 64 << 10:

@@ -14,11 +14,14 @@ __all__ = [
     "CallTimeout",
     "ConnectionClosed",
     "HandshakeFailed",
+    "MalformedRequest",
     "MessageTooLarge",
     "PeerRejected",
     "RemoteError",
+    "ServerBusy",
     "StreamReset",
     "StreamTimeout",
+    "TooManyConnections",
     "TransportError",
     "UnsupportedAioquic",
 ]
@@ -30,6 +33,13 @@ class HandshakeFailed(TransportError):
     code = "handshake_failed"
 
 
+class TooManyConnections(HandshakeFailed):
+    """The server closed the connection after verifying us: this identity already has
+    ``max_connections_per_peer`` connections open."""
+
+    code = "too_many_connections"
+
+
 class ConnectionClosed(TransportError):
     """The connection closed (idle timeout, peer close, local close) while in use."""
 
@@ -37,13 +47,28 @@ class ConnectionClosed(TransportError):
 
 
 class MessageTooLarge(TransportError):
-    """A message exceeded ``max_message_bytes``."""
+    """A message exceeded ``max_message_bytes`` or its type's limit."""
 
     code = "message_too_large"
 
 
+class MalformedRequest(TransportError):
+    """A request's first bytes are not ``{"t": <short str>, ...}``, or name a message type
+    the endpoint does not accept (refused before it is buffered)."""
+
+    code = "protocol"
+
+
+class ServerBusy(TransportError):
+    """Refused for load, not content: too many requests in flight on the connection, or
+    the server's buffer budget (``max_buffered_bytes``) is spent. Retry later."""
+
+    code = "busy"
+
+
 class StreamTimeout(TransportError):
-    """A stream made no progress for ``stream_timeout_s`` and was reset."""
+    """A stream made no progress for ``stream_timeout_s``, or a request arrived slower
+    than ``min_request_rate_bytes_s``, and was reset."""
 
     code = "stream_timeout"
 

@@ -13,217 +13,53 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Collection
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
-import msgpack
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import QuicErrorCode
 
 from secure_xfl.crypto.pki import PeerIdentity
-from secure_xfl.errors import SecureXFLError
 from secure_xfl.transport import mtls
 from secure_xfl.transport.config import TlsIdentity, TransportConfig
 from secure_xfl.transport.errors import (
     CallTimeout,
     ConnectionClosed,
     HandshakeFailed,
-    RemoteError,
+    TooManyConnections,
     TransportError,
 )
-from secure_xfl.transport.streams import ERR_BUSY, ERR_CANCELLED, Inbound, MessageProtocol
-from secure_xfl.transport.udp import TransmitBatch, UdpBatcher
+from secure_xfl.transport.framing import STATUS_ERROR, STATUS_OK, decode_response, encode_error
+from secure_xfl.transport.limits import BufferBudget, Limits
+from secure_xfl.transport.server import BatchingQuicServer, ServerProtocol
+from secure_xfl.transport.streams import ERR_BUSY, ERR_CANCELLED, MessageProtocol
+from secure_xfl.transport.udp import UdpBatcher
 
-__all__ = ["Handler", "RpcClient", "RpcServer"]
+__all__ = [
+    "STATUS_ERROR",
+    "STATUS_OK",
+    "Handler",
+    "RpcClient",
+    "RpcServer",
+    "decode_response",
+    "encode_error",
+]
 
 Handler = Callable[[PeerIdentity, bytes], Awaitable[bytes]]
-
-STATUS_OK = 0
-STATUS_ERROR = 1
-_MAX_ERROR_BODY = 64 << 10
 
 server_log = logging.getLogger("secure_xfl.transport.rpc.server")
 client_log = logging.getLogger("secure_xfl.transport.rpc.client")
 
 
-def encode_error(code: str, message: str, reason: str | None = None) -> bytes:
-    """Error reply: status byte 1 + msgpack {"code", "message"[, "reason"]} (truncated).
-
-    ``reason`` is the machine-readable refusal (e.g. a key-holder policy rule), so a
-    caller can act on it without parsing ``message``.
-    """
-    fields = {"code": code[:64], "message": message[:4096]}
-    if reason:
-        fields["reason"] = reason[:64]
-    body: bytes = msgpack.packb(fields)
-    return bytes([STATUS_ERROR]) + body
-
-
-def decode_response(data: bytes) -> bytes:
-    """Body of an ok reply; raises RemoteError for an error reply."""
-    if not data:
-        raise TransportError("empty response (no status byte)")
-    status = data[0]
-    if status == STATUS_OK:
-        return data[1:]
-    if status == STATUS_ERROR and len(data) <= _MAX_ERROR_BODY:
-        try:
-            body = msgpack.unpackb(data[1:], raw=False)
-            return_code, message = str(body["code"]), str(body["message"])
-            reason = body.get("reason")
-            reason = None if reason is None else str(reason)[:64]
-        except Exception as exc:  # any malformed body is the peer's protocol error
-            raise TransportError("malformed error reply") from exc
-        raise RemoteError(return_code, message, reason)
-    raise TransportError(f"invalid response status byte {status}")
-
-
-# ---------------------------------------------------------------------------- server
-
-
-class _ServerProtocol(MessageProtocol):
-    def __init__(self, quic: QuicConnection, *, server: RpcServer, **kwargs: Any) -> None:
-        super().__init__(quic, config=server.config, **kwargs)
-        self.server = server
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.log = server_log
-        loop = asyncio.get_running_loop()
-        self._handshake_timer = loop.call_later(
-            server.config.handshake_timeout_s, self._handshake_deadline
-        )
-
-    def _handshake_deadline(self) -> None:
-        if self.peer is None and self.closed_error is None:
-            self.log.warning("[peer=%s] handshake timed out: closing", self.peer_label())
-            self.close(QuicErrorCode.CONNECTION_REFUSED, "handshake timeout")
-
-    def quic_event_received(self, event: events.QuicEvent) -> None:
-        if isinstance(event, events.StreamDataReceived):
-            self._on_stream_data(event)
-            return
-        if isinstance(event, events.HandshakeCompleted):
-            self._handshake_timer.cancel()
-            self.log.info("[peer=%s] connected", self.peer_label())
-        elif isinstance(event, events.ConnectionTerminated):
-            self._handshake_timer.cancel()
-            rejection = mtls.peer_rejection(self._quic)
-            if rejection is None:
-                self.log.info("[peer=%s] disconnected", self.peer_label())
-            for task in self.tasks:
-                task.cancel()
-            self.server._connections.discard(self)
-        super().quic_event_received(event)
-
-    def _on_stream_data(self, event: events.StreamDataReceived) -> None:
-        stream_id = event.stream_id
-        state = self.inbound.get(stream_id)
-        if state is None:
-            # Defence in depth: mTLS makes this unreachable (no 1-RTT keys before
-            # the peer is verified), but never hand bytes to a handler without it.
-            if self.peer is None:
-                self.log.error("[peer=%s] stream data before verification", self.peer_label())
-                self.close(QuicErrorCode.PROTOCOL_VIOLATION, "unauthenticated")
-                return
-            if stream_id % 4 != 0:  # only client-initiated bidirectional streams
-                self.log.warning("[peer=%s] unexpected stream %d", self.peer_label(), stream_id)
-                if stream_id % 4 == 2:
-                    self._quic.stop_stream(stream_id, ERR_CANCELLED)
-                return
-            if len(self.tasks) + len(self.inbound) >= self.config.max_concurrent_streams:
-                self.log.warning("[peer=%s] too many concurrent requests", self.peer_label())
-                self._reply_and_stop(stream_id, "busy", "too many concurrent requests", ERR_BUSY)
-                self.inbound[stream_id] = self._tombstone(stream_id)
-                return
-            state = self.open_inbound(stream_id, self.server.max_message_bytes)
-        if self.on_data(state, event):
-            assert state.done is not None
-            payload = state.done.result()
-            self._spawn(self._serve(stream_id, payload))
-        elif state.aborted and state.done is not None and state.done.done():
-            # Oversized: on_data already sent STOP_SENDING; tell the client why.
-            exc = state.done.exception()
-            if isinstance(exc, SecureXFLError) and not state.replied:
-                state.replied = True
-                self.log.warning("[peer=%s] request refused: %s", self.peer_label(), exc)
-                self._spawn(self._send_reply(stream_id, encode_error(exc.code, str(exc))))
-
-    def _tombstone(self, stream_id: int) -> Inbound:
-        state = self.open_inbound(stream_id, 0)
-        state.aborted = state.replied = True
-        return state
-
-    def _reply_and_stop(self, stream_id: int, code: str, message: str, err: int) -> None:
-        self._quic.stop_stream(stream_id, err)
-        self._spawn(self._send_reply(stream_id, encode_error(code, message)))
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _send_reply(self, stream_id: int, reply: bytes | list[bytes]) -> None:
-        parts = reply if isinstance(reply, list) else [reply]
-        try:
-            await self.send_message(stream_id, parts)
-        except TransportError as exc:
-            self.log.warning(
-                "[peer=%s] reply on stream %d not delivered: %s", self.peer_label(), stream_id, exc
-            )
-
-    async def _serve(self, stream_id: int, payload: bytes) -> None:
-        peer = self.peer
-        assert peer is not None  # checked before the stream was accepted
-        try:
-            body = await self.server.handler(peer, payload)
-            if not isinstance(body, bytes | bytearray | memoryview):
-                raise TypeError(f"handler returned {type(body).__name__}, not bytes")
-            reply: list[bytes] = [bytes([STATUS_OK]), body]  # type: ignore[list-item]
-        except asyncio.CancelledError:
-            raise
-        except SecureXFLError as exc:
-            self.log.info("[peer=%s] handler refused request: %s (%s)", peer, exc, exc.code)
-            reason = getattr(exc, "reason", None)
-            reply = [encode_error(exc.code, str(exc), reason if isinstance(reason, str) else None)]
-        except Exception:
-            self.log.exception("[peer=%s] handler crashed on stream %d", peer, stream_id)
-            reply = [encode_error("internal", "internal server error")]
-        await self._send_reply(stream_id, reply)
-
-
-class _BatchingQuicServer(QuicServer):
-    """aioquic's QuicServer (unchanged dispatch) reading all queued datagrams per wake-up.
-
-    Each datagram goes through ``QuicServer.datagram_received`` as usual; the
-    connections' transmits are deferred to the end of the batch (see ``udp``).
-    """
-
-    def __init__(self, *, socket_buffer_bytes: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.batch = TransmitBatch()
-        self.udp: UdpBatcher | None = None
-        self._socket_buffer_bytes = socket_buffer_bytes
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.udp = UdpBatcher(
-            cast(asyncio.DatagramTransport, transport),
-            socket_buffer_bytes=self._socket_buffer_bytes,
-        )
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.udp is not None:
-            self.udp.close()
-
-    def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        with self.batch.collecting():
-            super().datagram_received(data, addr)
-            if self.udp is not None:
-                self.udp.drain(super().datagram_received)
-
-
 class RpcServer:
-    """mTLS QUIC server: each verified request stream is answered by ``handler``."""
+    """mTLS QUIC server: each verified request stream is answered by ``handler``.
+
+    ``limits`` (message type -> largest request in bytes; ``KeyError`` or 0 for a type
+    the endpoint refuses) turns on per-type limits: the type is peeked from each
+    request's first bytes and its limit (capped by ``max_message_bytes``) applies as
+    the bytes arrive. Without it every request may reach ``max_message_bytes``.
+    Memory per peer and server-wide is bounded as described in ``server.py``.
+    """
 
     def __init__(
         self,
@@ -233,27 +69,44 @@ class RpcServer:
         handler: Handler,
         config: TransportConfig = TransportConfig(),  # noqa: B008 - frozen, immutable
         max_message_bytes: int | None = None,
+        limits: Limits | None = None,
     ) -> None:
         mtls.check_aioquic()
         self.tls = tls
         self.config = config
         self.handler = handler
         self.max_message_bytes = max_message_bytes or config.max_message_bytes
+        self.limits = limits
+        self.budget = BufferBudget(config.max_buffered_bytes)
+        """Bytes claimed by requests being received or handled (all connections)."""
         self._crl = tls.load_crl()
         self._policy = mtls.make_policy(tls, allowed_roles, lambda: self._crl)
         self._quic_config = mtls.build_quic_configuration(tls, config, is_client=False)
         self._server: QuicServer | None = None
-        self._connections: set[_ServerProtocol] = set()
+        self._connections: set[ServerProtocol] = set()
+
+    def limit_for(self, msg_type: str) -> int | None:
+        """The largest acceptable request of ``msg_type``, or None if it is refused."""
+        if self.limits is None:
+            return self.max_message_bytes
+        try:
+            limit = int(self.limits(msg_type))
+        except LookupError:
+            return None
+        except Exception:  # a broken limits function must not take the connection down
+            server_log.exception("[%s] limits(%r) failed", self._policy.local, msg_type[:32])
+            return None
+        return min(limit, self.max_message_bytes) if limit > 0 else None
 
     def reload_crl(self) -> None:
         """Re-read the CRL; new handshakes use it at once. Live connections are kept."""
         self._crl = self.tls.load_crl()
         server_log.info("[%s] CRL reloaded", self._policy.local)
 
-    def _create_protocol(self, connection: QuicConnection, **kwargs: Any) -> _ServerProtocol:
+    def _create_protocol(self, connection: QuicConnection, **kwargs: Any) -> ServerProtocol:
         mtls.install_mutual_tls(connection, self._policy)
-        protocol = _ServerProtocol(connection, server=self, **kwargs)
-        if isinstance(self._server, _BatchingQuicServer):
+        protocol = ServerProtocol(connection, server=self, **kwargs)
+        if isinstance(self._server, BatchingQuicServer):
             protocol.batch = self._server.batch
             protocol.udp = self._server.udp
         self._connections.add(protocol)
@@ -266,7 +119,7 @@ class RpcServer:
         # No session_ticket_fetcher/handler: resumption would skip client certificates.
         # aioquic's serve(), with the batching QuicServer subclass.
         _, server = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: _BatchingQuicServer(
+            lambda: BatchingQuicServer(
                 configuration=self._quic_config,
                 create_protocol=self._create_protocol,
                 socket_buffer_bytes=self.config.socket_buffer_bytes,
@@ -367,15 +220,18 @@ class RpcClient:
                 await protocol.ping()
         except (ConnectionError, TimeoutError) as exc:
             rejection = mtls.peer_rejection(connection)
+            closed = protocol.closed_error
             why = (
                 f"server certificate refused: {rejection}"
                 if rejection is not None
                 else protocol.describe_close()
-                if protocol.closed_error is not None
+                if closed is not None
                 else f"no handshake within {self.config.handshake_timeout_s}s"
             )
             await self.close()
             client_log.warning("[peer=%s:%d] handshake failed: %s", self.host, self.port, why)
+            if rejection is None and closed is not None and closed.error_code == ERR_BUSY:
+                raise TooManyConnections(why) from exc
             raise HandshakeFailed(why) from exc
         identity = mtls.peer_identity(connection)
         assert identity is not None  # the hook refuses to finish without one

@@ -9,10 +9,14 @@ One message per direction of a bidirectional QUIC stream, ended by FIN.
   ``send_buffer_bytes`` are unacknowledged: aioquic's send buffer is otherwise
   unbounded (and trims acknowledged bytes with an O(n) ``del``), so dumping a
   500 MB payload into it at once costs memory and throughput.
-* A stream with no progress for ``stream_timeout_s`` is reset in both directions.
+* A stream with no progress for ``stream_timeout_s`` is reset in both directions;
+  so is an inbound message with a ``min_rate`` (server requests) that arrives slower
+  than that on average once ``stream_timeout_s`` has passed since its first byte.
 
 aioquic internals read here: ``QuicConnection._streams[id].sender`` offsets
-``_buffer_start``/``_buffer_stop`` (unacknowledged bytes). Everything else is
+``_buffer_start``/``_buffer_stop`` (unacknowledged bytes); the server's policing
+(``server.py``) reads ``receiver._buffer`` / ``highest_offset`` (bytes held for
+reassembly). Everything else is
 aioquic's public connection API (send_stream_data, reset_stream, stop_stream).
 """
 
@@ -38,13 +42,22 @@ from secure_xfl.transport.errors import (
 from secure_xfl.transport.mtls import peer_identity
 from secure_xfl.transport.udp import Outbox, TransmitBatch, UdpBatcher
 
-__all__ = ["ERR_BUSY", "ERR_CANCELLED", "ERR_TIMEOUT", "ERR_TOO_LARGE", "MessageProtocol"]
+__all__ = [
+    "ERR_BUSY",
+    "ERR_CANCELLED",
+    "ERR_PROTOCOL",
+    "ERR_TIMEOUT",
+    "ERR_TOO_LARGE",
+    "Inbound",
+    "MessageProtocol",
+]
 
 # QUIC application error codes used in RESET_STREAM / STOP_SENDING.
 ERR_TOO_LARGE = 0x101
 ERR_TIMEOUT = 0x102
 ERR_BUSY = 0x103
 ERR_CANCELLED = 0x104
+ERR_PROTOCOL = 0x105
 
 _CHUNK = 256 << 10  # bytes handed to aioquic per write
 
@@ -64,6 +77,14 @@ class Inbound:
     """Subject to the stall sweep (a client's reply is watched once bytes flow)."""
     replied: bool = False
     """An error reply was already sent for this (refused) stream."""
+    first_byte_at: float | None = None
+    """When the first byte arrived (start of the ``min_rate`` clock)."""
+    min_rate: float = 0.0
+    """Slowest average arrival rate in bytes/s after the grace period (0 = unchecked)."""
+    msg_type: str | None = None
+    """The request's message type once peeked (server with per-type limits)."""
+    reserved: int = 0
+    """Bytes this message claims from the server's buffer budget."""
 
 
 class MessageProtocol(QuicConnectionProtocol):
@@ -110,6 +131,10 @@ class MessageProtocol(QuicConnectionProtocol):
             super().datagram_received(data, addr)  # type: ignore[arg-type]
             if self.owns_socket and self.udp is not None:
                 self.udp.drain(super().datagram_received)  # type: ignore[arg-type]
+        self.after_datagram()
+
+    def after_datagram(self) -> None:
+        """Hook: runs after each received datagram (or client batch) was processed."""
 
     def transmit(self) -> None:
         if self.batch.hold(self):
@@ -229,6 +254,8 @@ class MessageProtocol(QuicConnectionProtocol):
             state.size += len(event.data)
             state.last_progress = time.monotonic()
             state.watched = True
+            if state.first_byte_at is None:
+                state.first_byte_at = state.last_progress
         if event.end_stream:
             self.inbound.pop(state.stream_id, None)
             data = state.chunks[0] if len(state.chunks) == 1 else b"".join(state.chunks)
@@ -243,6 +270,7 @@ class MessageProtocol(QuicConnectionProtocol):
         state.aborted = True
         state.chunks = []
         state.last_progress = time.monotonic()  # keep the tombstone a while for late frames
+        self.release_claim(state)
         if state.done is not None and not state.done.done():
             state.done.set_exception(exc)
             state.done.exception()  # mark retrieved: nobody may be awaiting it
@@ -253,32 +281,55 @@ class MessageProtocol(QuicConnectionProtocol):
                 pass
             self.transmit()
 
+    def release_claim(self, state: Inbound) -> None:
+        """Hook: ``state`` no longer holds buffered bytes (the server's budget)."""
+
+    def can_forget(self, state: Inbound) -> bool:
+        """Hook: whether a refused stream's tombstone may be dropped after the timeout."""
+        return True
+
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        interval = max(0.05, min(1.0, self.config.stream_timeout_s / 4))
+        timeout = self.config.stream_timeout_s
+        interval = max(0.05, min(1.0, timeout / 4))
         while self.inbound and self.closed_error is None:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for state in list(self.inbound.values()):
-                if not state.watched or now - state.last_progress <= self.config.stream_timeout_s:
+                if not state.watched:
                     continue
-                if state.aborted:
-                    self.inbound.pop(state.stream_id, None)
+                if now - state.last_progress > timeout:
+                    if state.aborted:
+                        if self.can_forget(state):
+                            self.inbound.pop(state.stream_id, None)
+                        continue
+                    why = f"stalled for {timeout:.1f}s"
+                elif state.aborted or not self._too_slow(state, now):
                     continue
+                else:
+                    took = now - (state.first_byte_at or now)
+                    why = (
+                        f"too slow: {state.size} bytes in {took:.1f}s "
+                        f"(minimum {state.min_rate:.0f} B/s after {timeout:.1f}s)"
+                    )
                 self.log.warning(
-                    "[peer=%s] stream %d stalled for %.1fs: reset",
-                    self.peer_label(),
-                    state.stream_id,
-                    self.config.stream_timeout_s,
+                    "[peer=%s] stream %d %s: reset", self.peer_label(), state.stream_id, why
                 )
                 self.fail_inbound(
-                    state, StreamTimeout(f"stream {state.stream_id} stalled"), ERR_TIMEOUT
+                    state, StreamTimeout(f"stream {state.stream_id} {why}"), ERR_TIMEOUT
                 )
                 self.abort_stream(state.stream_id, ERR_TIMEOUT)
                 self.on_stream_timeout(state.stream_id)
+
+    def _too_slow(self, state: Inbound, now: float) -> bool:
+        """Below ``min_rate`` on average, counting from the grace period's end."""
+        if state.min_rate <= 0 or state.first_byte_at is None:
+            return False
+        late = now - state.first_byte_at - self.config.stream_timeout_s
+        return late > 0 and state.size < state.min_rate * late
 
     def on_stream_timeout(self, stream_id: int) -> None:
         """Hook for subclasses: a stream was reset for stalling."""

@@ -39,11 +39,21 @@ def test_demo_runs_and_its_ledger_audits_clean(tmp_path: Path) -> None:
         }
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0
     assert rounds[-1]["loss"] < report["initial"]["loss"] - 0.3
-    for name in ("report.md", "loss.png", "bytes.png", "ledger.jsonl"):
+    for name in ("report.md", "loss.png", "bytes.png", "ledger.jsonl", "ca.pem", "crl.pem"):
         assert (out / name).stat().st_size > 0, name
-    audit = subprocess.run(
-        [*CLI, "audit", str(out / "ledger.jsonl"), "--json"], capture_output=True, text=True
-    )
+    assert report["audit"]["ok"] is True, report["audit"]["problems"]
+    assert report["audit"]["signer"].startswith("spiffe://demo/keyholder/")
+    # The report and the printed summary show the exact command; it audits clean.
+    command = report["audit_command"]
+    assert command == f"secure-xfl audit {out / 'ledger.jsonl'} --ca {out / 'ca.pem'}"
+    assert command in (out / "report.md").read_text() and command in done.stdout
+    args = command.split()[2:]
+    audit = subprocess.run([*CLI, "audit", *args, "--json"], capture_output=True, text=True)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     verdict = json.loads(audit.stdout)
     assert verdict["ok"] is True and verdict["rounds"] == 2
+    # Without the CA the ledger is not called authentic.
+    bare = subprocess.run(
+        [*CLI, "audit", str(out / "ledger.jsonl")], capture_output=True, text=True
+    )
+    assert bare.returncode == 2 and "--ca CA_PEM" in bare.stderr

@@ -153,10 +153,17 @@ def aggregator_plan(kit: Kit, rnd: int, model: dict[str, np.ndarray]) -> RoundPl
     )
 
 
-def honest_update(root: Path, client: str, rnd: int, model: dict[str, np.ndarray]) -> bytes:
-    """Client ``client``'s genuine update for round ``rnd`` (what its process would send)."""
+def honest_update(
+    root: Path,
+    client: str,
+    rnd: int,
+    model: dict[str, np.ndarray],
+    plan: RoundPlan | None = None,
+) -> bytes:
+    """Client ``client``'s genuine update for round ``rnd`` (what its process would send),
+    signed over ``plan`` (default: the plan the aggregator proposes over ``model``)."""
     kit = Kit.load(root / f"client-{client}")
-    return protect_as(kit, update_vector(client, rnd, model), model, rnd).encode()
+    return protect_as(kit, update_vector(client, rnd, model), model, rnd, plan=plan).encode()
 
 
 def accumulate(

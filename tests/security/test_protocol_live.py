@@ -23,6 +23,7 @@ import pytest
 from secure_xfl.crypto.envelope import ProtectedUpdate, SignedStatement, ciphertext_digest
 from secure_xfl.kit import Kit
 from secure_xfl.protocol import messages
+from secure_xfl.protocol.plan import RoundPlan
 from secure_xfl.transport.errors import StreamReset, TransportError
 from secure_xfl.transport.rpc import RpcClient
 from secure_xfl.transport.streams import ERR_TIMEOUT
@@ -53,14 +54,14 @@ def _flip_chunk(blob: bytes, *, redigest: bool) -> bytes:
     return ProtectedUpdate(signed, chunks).encode()
 
 
-async def _wait_round(client: RpcClient, rnd: int) -> None:
-    """Poll 'task' as a client would until round ``rnd`` is collecting."""
+async def _wait_round(client: RpcClient, rnd: int) -> RoundPlan:
+    """Poll 'task' as a client would until round ``rnd`` is collecting; its plan."""
     for _ in range(600):
         out = await live.call(client, messages.encode("task", after=rnd - 1))
         assert out.ok, out
         msg = messages.decode(out.body)
         if msg["t"] == "round" and msg["round"] == rnd:
-            return
+            return RoundPlan.from_wire(msg["plan"])
         await asyncio.sleep(0.1)
     raise AssertionError(f"round {rnd} never opened")
 
@@ -79,7 +80,6 @@ def test_replay_across_rounds_and_tampering_are_refused_and_nothing_is_lost(
     model = live.zero_model(NUMEL)
     mallory, alpha = Kit.load(root / "client-mallory"), Kit.load(root / "client-alpha")
     m0 = live.honest_update(root, "mallory", 0, model)
-    m1 = live.honest_update(root, "mallory", 1, model)
     a0 = live.honest_update(root, "alpha", 0, model)
 
     with federation(root) as fed:
@@ -93,7 +93,8 @@ def test_replay_across_rounds_and_tampering_are_refused_and_nothing_is_lost(
                 seen["duplicate"] = (await live.call(m, _upload(0, m0))).code
                 for c in live.HONEST:
                     fed.start_client(c)
-                await _wait_round(m, 1)
+                plan1 = await _wait_round(m, 1)  # round 1 trains the round-0 result
+                m1 = live.honest_update(root, "mallory", 1, model, plan=plan1)
                 seen["replay_round0_as_round1"] = (await live.call(m, _upload(1, m0))).code
                 seen["replay_round0_as_round0"] = (await live.call(m, _upload(0, m0))).code
                 seen["replay_of_alpha_by_mallory"] = (await live.call(m, _upload(1, a0))).code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from secure_xfl.crypto import pki
 from secure_xfl.crypto.context import get_preset
-from secure_xfl.crypto.errors import AggregationError, LayoutMismatch, SignatureInvalid
+from secure_xfl.crypto.envelope import ProtectedUpdate, SignedStatement
+from secure_xfl.crypto.errors import (
+    AggregationError,
+    LayoutMismatch,
+    SignatureInvalid,
+    WeightOutOfBounds,
+)
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy
 from tests.conftest import contexts
 from tests.unit.helpers import RUN, make_accumulator, make_update
@@ -120,8 +128,27 @@ def test_update_signed_by_another_key_is_refused() -> None:
 
 def test_weight_above_scale_is_refused() -> None:
     acc = make_accumulator(KEYS, 10, weight_scale=10.0)
-    with pytest.raises(AggregationError, match="exceeds weight_scale"):
+    with pytest.raises(WeightOutOfBounds, match="exceeds max_weight"):
         acc.add(make_update(KEYS["c0"], "c0", np.ones(10), weight=11))
+
+
+def resigned(update: ProtectedUpdate, key: Any, **fields: Any) -> ProtectedUpdate:
+    """What a malicious client with its genuine key can send: any statement, signed."""
+    st = dataclasses.replace(update.statement, **fields)
+    return ProtectedUpdate(SignedStatement(st, pki.sign(key, st.signing_bytes())), update.chunks)
+
+
+@pytest.mark.parametrize("weight", [1e12, 1.0000001, 5.0])
+def test_client_weight_above_one_is_refused_before_any_ciphertext(weight: float) -> None:
+    acc = make_accumulator(KEYS, 10, weighting="client")
+    honest = make_update(KEYS["c1"], "c1", np.ones(10) * 0.1, weighting="client", weight=0.5)
+    acc.add(honest)
+    bad = resigned(
+        make_update(KEYS["c0"], "c0", np.ones(10), weighting="client"), KEYS["c0"], weight=weight
+    )
+    with pytest.raises(WeightOutOfBounds) as info:
+        acc.add(bad)
+    assert info.value.code == "weight_out_of_bounds" and acc.count == 1  # nothing lost
 
 
 def test_depth_zero_preset_refuses_aggregator_weighting() -> None:

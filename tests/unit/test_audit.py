@@ -1,7 +1,10 @@
-"""Audit: exit codes for every tampering form, budgets, claims, per-client ε, CLI.
+"""Audit: exit codes for every tampering form, budgets, claims, per-client ε,
+refused decryptions, CLI.
 
-These ledgers carry no signed client statements (older key holders); the
-audit of statements against a federation CA is in test_ledger_statements.py.
+These ledgers carry no signed client statements (older key holders) and most
+are signed by a bare key, which the tests vouch for (``trust_key_only``); the
+audit of statements, signer, CRL and federation against a real CA is in
+test_ledger_statements.py.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from secure_xfl.cli import main as cli_main
 from secure_xfl.crypto.dpspec import DEFAULT_DELTA
 from secure_xfl.privacy.accountant import epsilon, epsilon_for
-from secure_xfl.privacy.audit import AuditError, audit
-from secure_xfl.privacy.ledger import PrivacyLedger, canonical_bytes
+from secure_xfl.privacy.audit import AuditError, AuditReport
+from secure_xfl.privacy.audit import audit as _audit
+from secure_xfl.privacy.ledger import LedgerError, PrivacyLedger, canonical_bytes, entry_hash
 
 SIGMA = 1.2
 DELTA = DEFAULT_DELTA
@@ -27,13 +31,18 @@ DELTA = DEFAULT_DELTA
 COHORTS = [["a", "b", "c", "d"], ["a", "b", "c"], ["a", "b", "c", "d"], ["a", "b", "c"]]
 
 
+def audit(path: Any, key: Any, **kw: Any) -> AuditReport:
+    """The audit of a ledger signed by a bare key: the test vouches for the key."""
+    return _audit(path, key, trust_key_only=True, **kw)
+
+
 def _append(ledger: PrivacyLedger, run: str, r: int, people: list[str], **over: Any) -> None:
     q = len(people) / 4
-    eps = ledger.would_spend(run, noise_multiplier=SIGMA, sample_rate=q, delta=DELTA)
+    fed, worst, _ = ledger.budget(run, DELTA).projected(SIGMA, q, people)
     args: dict[str, Any] = {
         "run": run, "round": r, "participants": people, "enrolled": 4, "clip_norm": 1.0,
         "noise_multiplier": SIGMA, "sample_rate": q, "delta": DELTA, "rule": "fedavg",
-        "epsilon": eps,
+        "epsilon": fed, "client_epsilon": worst,
     }  # fmt: skip
     args.update(over)
     ledger.append(**args)
@@ -131,7 +140,10 @@ def test_understated_claim(tmp_path: Path, key: Any, pub_pem: Path) -> None:
 def test_unbounded_round(tmp_path: Path, key: Any, pub_pem: Path) -> None:
     path = tmp_path / "l.jsonl"
     with PrivacyLedger(path, key) as ledger:
-        _append(ledger, "run-1", 0, COHORTS[0], noise_multiplier=0.0, epsilon=None)
+        _append(
+            ledger, "run-1", 0, COHORTS[0], noise_multiplier=0.0, epsilon=None,
+            client_epsilon=math.inf,
+        )  # fmt: skip
     report = audit(path, pub_pem)
     assert report.exit_code == 0 and report.epsilon["rdp"] == math.inf
     assert report.to_json()["epsilon"]["rdp"] == "inf"
@@ -283,46 +295,184 @@ def main(argv: list[str]) -> int:
 
 
 def test_cli(ledger_path: Path, pub_pem: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([str(ledger_path), "--cert", str(pub_pem), "--no-prv"]) == 0
-    captured = capsys.readouterr()
-    assert "federation" in captured.out
-    # No CA beside the ledger: audited anyway, with a warning that says what was not checked.
-    assert "warning" in captured.err and "federation CA" in captured.err
-    assert main([str(ledger_path), "--cert", str(pub_pem), "--json", "--budget", "0.5"]) == 1
-    out = json.loads(capsys.readouterr().out)  # the warning goes to stderr, JSON stays clean
-    assert out["exit_code"] == 1 and not out["ok"]
-    assert main([str(ledger_path), "--cert", str(pub_pem), "--delta", "2"]) == 2
+    # Without a CA the audit refuses to call the ledger authentic, and says how to pass one.
+    assert main([str(ledger_path), "--cert", str(pub_pem), "--no-prv"]) == 2
+    err = capsys.readouterr().err
+    assert "--ca CA_PEM" in err and "--kit KIT_DIR" in err
     assert main([str(ledger_path)]) == 2  # --cert missing
     assert main(["--bogus"]) == 2
     assert main(["--help"]) == 0
-    assert "--ca" in capsys.readouterr().out
-    _delete_middle(ledger_path)
-    assert main([str(ledger_path), "--cert", str(pub_pem), "--json"]) == 2
+    out = capsys.readouterr().out
+    assert "--ca" in out and "--kit" in out and "--crl" in out
+    assert main([str(ledger_path), "--kit", str(ledger_path.parent)]) == 2  # not a kit
+    assert "not a startup kit" in capsys.readouterr().err
+
+
+def _kit(root: Path, role: str, federation: str = "fed") -> Path:
+    """The trust part of a startup kit: config.toml (federation, role), ca.pem, crl.pem."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.toml").write_text(
+        f'[federation]\nname = "{federation}"\n\n[party]\nrole = "{role}"\nname = "{role}"\n'
+    )
+    return root
 
 
 def test_cli_finds_the_kits_certificate_and_ca(
-    tmp_path: Path, key: ec.EllipticCurvePrivateKey, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # KIT/state/ledger.jsonl: the key holder's cert.pem and ca.pem are in KIT.
-    from secure_xfl.crypto import pki
+    from secure_xfl.crypto import pem, pki
 
+    kit = _kit(tmp_path / "keyholder", "keyholder")
     ca_cert, ca_key = pki.create_ca("fed")
-    (tmp_path / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_certificate(kit / "ca.pem", ca_cert)
+    pem.write_crl(kit / "crl.pem", pki.build_crl(ca_cert, ca_key, []))
     kh_cert, kh_key = pki.issue_certificate(
         ca_cert, ca_key, pki.PeerIdentity("fed", "keyholder", "kh")
     )
-    (tmp_path / "cert.pem").write_bytes(kh_cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "state").mkdir()
-    with PrivacyLedger(tmp_path / "state" / "ledger.jsonl", kh_key) as ledger:
+    pem.write_certificate(kit / "cert.pem", kh_cert)
+    (kit / "state").mkdir()
+    ledger_file = str(kit / "state" / "ledger.jsonl")
+    with PrivacyLedger(ledger_file, kh_key) as ledger:
         _append(ledger, "run-1", 0, COHORTS[0])
-    # Found the CA, so the key holder's word on σ no longer suffices: exit 1.
-    assert main([str(tmp_path / "state" / "ledger.jsonl"), "--json", "--no-prv"]) == 1
-    captured = capsys.readouterr()
-    out = json.loads(captured.out)
-    assert out["signer"] == "spiffe://fed/keyholder/kh" and "warning" not in captured.err
+    # KIT/state/ledger.jsonl: the cert is found in KIT, but the CA is never taken
+    # from beside the ledger (whoever ships a ledger could ship a CA with it).
+    assert main([ledger_file, "--no-prv"]) == 2
+    assert "--ca CA_PEM" in capsys.readouterr().err
+    # --kit: ca.pem, crl.pem and (the key holder's kit) cert.pem; the CA is checked,
+    # so the key holder's word on σ no longer suffices: exit 1.
+    assert main([ledger_file, "--kit", str(kit), "--json", "--no-prv"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["signer"] == "spiffe://fed/keyholder/kh"
     assert any("no signed client statements" in p for p in out["problems"])
     # Another CA given explicitly: the signer is not the federation's key holder.
-    other, _ = pki.create_ca("fed")
-    (tmp_path / "other.pem").write_bytes(other.public_bytes(serialization.Encoding.PEM))
-    ledger_file = str(tmp_path / "state" / "ledger.jsonl")
+    other, other_key = pki.create_ca("fed")
+    pem.write_certificate(tmp_path / "other.pem", other)
+    pem.write_crl(tmp_path / "crl.pem", pki.build_crl(other, other_key, []))
     assert main([ledger_file, "--ca", str(tmp_path / "other.pem"), "--no-prv"]) == 2
+    assert "untrusted" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------ refused decryptions
+
+
+def _history_of(cohorts: list[list[str]]) -> list[tuple[float, float, int]]:
+    return [(SIGMA, len(c) / 4, 1) for c in cohorts]
+
+
+def test_refused_decryptions_are_charged_and_listed(
+    tmp_path: Path, key: Any, pub_pem: Path
+) -> None:
+    path = tmp_path / "l.jsonl"
+    with PrivacyLedger(path, key) as ledger:
+        _append(ledger, "run-1", 0, COHORTS[0], outcome="refused", reason="aggregate_out_of_bounds")
+        _append(ledger, "run-1", 0, COHORTS[1], outcome="refused", reason="lane_integrity")
+        _append(ledger, "run-1", 0, COHORTS[2])
+        _append(ledger, "run-1", 1, COHORTS[3])
+    report = audit(path, pub_pem)
+    assert report.exit_code == 0, report.problems
+    assert report.rounds == 2 and report.refused == 2
+    assert report.refusals == [
+        {"round": 0, "attempts": 2, "reasons": ["aggregate_out_of_bounds", "lane_integrity"]}
+    ]
+    charged = [COHORTS[0], COHORTS[1], COHORTS[2], COHORTS[3]]
+    assert report.epsilon["rdp"] == pytest.approx(epsilon(_history_of(charged), DELTA, "rdp"))
+    assert report.per_client["a"]["rounds"] == 4 and report.per_client["d"]["rounds"] == 2
+    assert [r["outcome"] for r in report.per_round] == [
+        "refused",
+        "refused",
+        "released",
+        "released",
+    ]
+    assert report.per_round[0]["reason"] == "aggregate_out_of_bounds"
+    assert report.per_round[2]["reason"] is None
+    table = report.table()
+    assert "refused decryptions (charged): 2" in table and "lane_integrity" in table
+    data = report.to_json()
+    assert data["refused"] == 2 and data["refusals"][0]["attempts"] == 2
+    json.dumps(data, allow_nan=False)
+
+
+def _append_raw(path: Path, key: Any, **fields: Any) -> None:
+    """Sign and chain an entry the writer would refuse: what a buggy or hostile key
+    holder holding the real key could write."""
+    lines = _lines(path)
+    last = json.loads(lines[-1])
+    obj = {k: v for k, v in last.items() if k not in ("sig", "reason")}
+    obj.update(fields, seq=len(lines), prev=entry_hash(lines[-1].rstrip(b"\n")))
+    data = canonical_bytes(obj)
+    sig = key.sign(data, ec.ECDSA(hashes.SHA256()))
+    obj["sig"] = sig.hex()
+    with open(path, "ab") as fh:
+        fh.write(canonical_bytes(obj) + b"\n")
+
+
+def test_refused_after_release_and_second_release_are_flagged(
+    tmp_path: Path, key: Any, pub_pem: Path
+) -> None:
+    path = tmp_path / "l.jsonl"
+    with PrivacyLedger(path, key) as ledger:
+        _append(ledger, "run-1", 0, COHORTS[0])
+        with pytest.raises(LedgerError, match="refused after its release"):
+            _append(ledger, "run-1", 0, COHORTS[0], outcome="refused", reason="late")
+        with pytest.raises(LedgerError, match="released again"):
+            _append(ledger, "run-1", 0, COHORTS[0])
+    _append_raw(path, key, outcome="refused", reason="late", epsilon=None)
+    report = audit(path, pub_pem, prv=False)
+    assert report.exit_code == 1 and report.refused == 1
+    assert any("round 0: a refused decryption is recorded after" in p for p in report.problems)
+    _append_raw(path, key, outcome="released", epsilon=None)
+    again = audit(path, pub_pem, prv=False)
+    assert again.exit_code == 1 and again.rounds == 2
+    assert "round 0 was released more than once" in again.problems
+    # The writer opens such a file (it is signed) but still refuses to add to the round.
+    with PrivacyLedger(path, key) as ledger:
+        assert ledger.released("run-1", 0) and ledger.attempts("run-1", 0) == 1
+        with pytest.raises(LedgerError):
+            _append(ledger, "run-1", 0, COHORTS[0], outcome="refused", reason="late")
+
+
+def test_understated_client_epsilon(tmp_path: Path, key: Any, pub_pem: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    with PrivacyLedger(path, key) as ledger:
+        _append(ledger, "run-1", 0, COHORTS[0])
+        # The federation claim is honest, the largest client's is not (a, b, c are at
+        # rate 1 and pay more than the subsampled federation figure).
+        fed = ledger.would_spend("run-1", noise_multiplier=SIGMA, sample_rate=0.75, delta=DELTA)
+        _append(ledger, "run-1", 1, COHORTS[1], client_epsilon=fed)
+    report = audit(path, pub_pem, prv=False)
+    assert report.exit_code == 1
+    (msg,) = report.problems
+    assert msg.startswith("round 1: claimed client ε") and "understates" in msg
+    row = report.per_round[1]
+    assert row["claimed_client_epsilon"] == pytest.approx(fed)
+    assert row["client_epsilon"] == pytest.approx(epsilon_for(SIGMA, 1.0, 2, DELTA))
+    # An unbounded claim never understates; an honest one passes.
+    path2 = tmp_path / "l2.jsonl"
+    with PrivacyLedger(path2, key) as ledger:
+        _append(ledger, "run-1", 0, COHORTS[0], client_epsilon=math.inf)
+        _append(ledger, "run-1", 1, COHORTS[1])
+    honest = audit(path2, pub_pem, prv=False)
+    assert honest.exit_code == 0, honest.problems
+    assert honest.per_round[0]["claimed_client_epsilon"] == math.inf
+    assert honest.per_round[1]["claimed_client_epsilon"] == pytest.approx(
+        honest.per_round[1]["client_epsilon"], rel=1e-9
+    )
+
+
+def test_refused_decryptions_count_against_the_budget(
+    tmp_path: Path, key: Any, pub_pem: Path
+) -> None:
+    path = tmp_path / "l.jsonl"
+    with PrivacyLedger(path, key) as ledger:
+        _append(ledger, "run-1", 0, COHORTS[0])
+    one = audit(path, pub_pem, prv=False)
+    with PrivacyLedger(path, key) as ledger:
+        _append(ledger, "run-1", 1, COHORTS[0], outcome="refused", reason="aggregate_out_of_bounds")
+    two = audit(path, pub_pem, prv=False)
+    assert two.rounds == 1 and two.refused == 1
+    a1, a2 = one.per_client["a"]["epsilon"]["rdp"], two.per_client["a"]["epsilon"]["rdp"]
+    assert a2 == pytest.approx(epsilon_for(SIGMA, 1.0, 2, DELTA)) and a2 > a1
+    # A budget the one release fits but the refused decryption on top breaks.
+    assert audit(path, pub_pem, prv=False, budget=(a1 + a2) / 2).exit_code == 1
+    assert one.epsilon["rdp"] is not None and two.epsilon["rdp"] is not None
+    assert two.epsilon["rdp"] > one.epsilon["rdp"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -148,3 +149,35 @@ def test_bad_delta_and_budget_are_refused() -> None:
             PrivacyBudget("run-1", delta)
     with pytest.raises(AccountingError):
         PrivacyBudget("run-1").would_exceed(-1.0, 1.0, 0.5, ["a"])
+
+
+def test_a_refused_decryption_is_charged_like_a_release(tmp_path: Path) -> None:
+    # Round 0 refused (the key holder saw the plaintext), then retried and released:
+    # two Gaussian mechanisms on a, b, c's data, so ε is the accountant's over two.
+    sigma, q, people = 1.3, 0.75, ["a", "b", "c"]
+    key = ed25519.Ed25519PrivateKey.generate()
+    with PrivacyLedger(tmp_path / "l.jsonl", key) as ledger:
+        common: dict[str, Any] = {
+            "run": "run-1", "round": 0, "participants": people, "enrolled": 4,
+            "clip_norm": 1.0, "noise_multiplier": sigma, "sample_rate": q, "delta": DELTA,
+            "rule": "fedavg",
+        }  # fmt: skip
+        first = ledger.would_spend("run-1", noise_multiplier=sigma, sample_rate=q, delta=DELTA)
+        ledger.append(**common, epsilon=first, outcome="refused", reason="aggregate_out_of_bounds")
+        second = ledger.would_spend("run-1", noise_multiplier=sigma, sample_rate=q, delta=DELTA)
+        _, worst, _ = ledger.budget("run-1", DELTA).projected(sigma, q, people)
+        ledger.append(**common, epsilon=second, client_epsilon=worst)
+        spent = ledger.spent("run-1", DELTA)
+        budget = ledger.budget("run-1", DELTA)
+        entries = ledger.history()
+    two = [(sigma, q, 1)] * 2
+    assert first == pytest.approx(epsilon(two[:1], DELTA), rel=1e-12)
+    assert second == pytest.approx(epsilon(two, DELTA), rel=1e-12)
+    assert spent == pytest.approx(epsilon(two, DELTA), rel=1e-12)
+    assert budget.rounds == 2 and budget.client_rounds("a") == 2
+    assert budget.client_epsilon("a") == pytest.approx(epsilon([(sigma, 1.0, 1)] * 2, DELTA))
+    assert worst == pytest.approx(budget.client_epsilon("a"), rel=1e-12)
+    rebuilt = PrivacyBudget.from_entries(entries, "run-1", DELTA)
+    assert rebuilt.federation_epsilon() == pytest.approx(spent, rel=1e-12)
+    assert rebuilt.client_rdp("a") == pytest.approx(budget.client_rdp("a"))
+    assert not rebuilt.client_rdp("nobody").any()

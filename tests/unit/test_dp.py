@@ -190,3 +190,22 @@ def test_effective_multiplier_matches_simulated_aggregate() -> None:
     agg = sum(w * add_client_noise(np.zeros(200_000), cfg, rng) for w in weights)
     measured = float(np.std(agg)) / (cfg.clip_norm * max(weights))
     assert measured == pytest.approx(effective_noise_multiplier(1.0, 2, weights), rel=0.02)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int32", "int64", "uint8", "float64"])
+def test_clip_handles_low_precision_and_integer_tensors(dtype: str) -> None:
+    import torch
+
+    vec = torch.full((1000,), 3, dtype=getattr(torch, dtype))
+    out, norm = clip_l2(vec, 1.0)
+    assert out.dtype == np.float64
+    assert norm == pytest.approx(3 * np.sqrt(1000), rel=1e-3)
+    assert np.linalg.norm(out) == pytest.approx(1.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("bad", ["bool", "complex64"])
+def test_clip_refuses_non_real_tensors(bad: str) -> None:
+    import torch
+
+    with pytest.raises(InvalidUpdate):
+        clip_l2(torch.ones(4, dtype=getattr(torch, bad)), 1.0)

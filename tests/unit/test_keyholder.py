@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from secure_xfl.crypto import pki
 from secure_xfl.crypto.context import get_preset
 from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.envelope import EncryptedAggregate, SignedStatement
@@ -16,7 +17,7 @@ from secure_xfl.crypto.errors import DecryptionRefused
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy, Release
 from secure_xfl.privacy.dp import effective_noise_multiplier as effective_noise
 from tests.conftest import contexts
-from tests.unit.helpers import RUN, make_accumulator, make_update
+from tests.unit.helpers import RUN, layout_for, make_accumulator, make_update
 
 KEYS = {f"c{i}": ec.generate_private_key(ec.SECP256R1()) for i in range(4)}
 
@@ -229,3 +230,84 @@ def test_cohort_below_the_signed_k_is_refused(tmp_path: Path) -> None:
     )
     k4 = DPSpec(clip_norm=1.0, noise_multiplier=1.0, min_clients=4)
     assert refused(kh, noised_aggregate({f"c{i}": k4 for i in range(3)})) == "too_few_clients"
+
+
+def client_weighted(
+    vectors: dict[str, np.ndarray], weights: dict[str, float] | None = None
+) -> EncryptedAggregate:
+    """A client-weighted aggregate whose clients sign DP_SPEC; ``vectors`` are sealed
+    as given (a malicious client may skip its own clipping)."""
+    from secure_xfl.crypto.protect import seal_vector
+
+    _, public = contexts()
+    acc = make_accumulator(KEYS, 10, weighting="client")
+    for c, vec in vectors.items():
+        w = (weights or {}).get(c, 1.0)
+        honest = make_update(KEYS[c], c, vec, weighting="client", weight=w, dp=DP_SPEC)
+        if np.linalg.norm(vec) > DP_SPEC.clip_norm:  # seal the raw vector: no clipping
+            honest = seal_vector(
+                vec,
+                ctx=public,
+                preset=get_preset("xfl-default"),
+                layout=layout_for(10),
+                run=RUN,
+                round=0,
+                client=c,
+                signing_key=KEYS[c],
+                dp=DP_SPEC,
+                weight=w,
+                weighting="client",
+            )
+        acc.add(honest)
+    return acc.result()
+
+
+def test_an_unclipped_update_is_refused_charged_and_the_round_stays_open(tmp_path: Path) -> None:
+    refused_calls: list[str] = []
+    kh = holder(tmp_path, dp=DP_SPEC, max_attempts=2)
+    kh.on_refused = lambda rel, reason: refused_calls.append(reason)
+    small = {f"c{i}": np.full(10, 0.01) for i in range(3)}
+    bad = client_weighted({**small, "c2": np.full(10, 500.0 / np.sqrt(10))})  # ‖x‖ = 500 C
+    assert refused(kh, bad) == "aggregate_out_of_bounds"
+    assert refused_calls == ["aggregate_out_of_bounds"] and kh.record.refused(RUN, 0) == 1
+    assert not kh.already_decrypted(RUN, 0)  # not burnt: an honest retry is released
+    out = kh.decrypt(client_weighted(small).encode())
+    assert kh.already_decrypted(RUN, 0) and np.isfinite(out.vector).all()
+
+
+def test_refused_attempts_are_bounded_and_survive_a_restart(tmp_path: Path) -> None:
+    kh = holder(tmp_path, dp=DP_SPEC, max_attempts=1)
+    huge = {f"c{i}": np.full(10, 100.0) for i in range(3)}
+    assert refused(kh, client_weighted(huge)) == "aggregate_out_of_bounds"
+    kh.close()
+    again = holder(tmp_path, dp=DP_SPEC, max_attempts=1)
+    assert refused(again, client_weighted(huge)) == "too_many_attempts"
+    assert again.record.refused(RUN, 0) == 1  # the second was refused before decrypting
+
+
+def test_key_holder_refuses_weights_outside_its_own_bounds(tmp_path: Path) -> None:
+    kh = holder(tmp_path, dp=DP_SPEC)
+    agg = client_weighted({f"c{i}": np.full(10, 0.01) for i in range(3)})
+    st = agg.manifest[0].statement
+    forged = dataclasses.replace(st, weight=1e12)
+    entry = SignedStatement(forged, pki.sign(KEYS[st.client], forged.signing_bytes()))
+    bad = dataclasses.replace(agg, manifest=(entry, *agg.manifest[1:]))
+    assert refused(kh, bad) == "weight_out_of_bounds"
+    kh2 = holder(tmp_path / "b", max_weight=5.0)
+    heavy = aggregate(3)  # aggregator-weighted, weights 1.0 ≤ 5 pass; now sign 6 > 5
+    st = heavy.manifest[0].statement
+    forged = dataclasses.replace(st, weight=6.0)
+    entry = SignedStatement(forged, pki.sign(KEYS[st.client], forged.signing_bytes()))
+    over = dataclasses.replace(heavy, manifest=(entry, *heavy.manifest[1:]), weight_scale=10.0)
+    assert refused(kh2, over) == "weight_out_of_bounds"
+
+
+def test_noise_floor_defaults_to_the_policy_sigma(tmp_path: Path) -> None:
+    assert KeyHolderPolicy(run=RUN, min_clients=3, dp=DP_SPEC).noise_floor == 1.0
+    kh = holder(tmp_path, dp=DP_SPEC)
+    acc = make_accumulator(KEYS, 10, weight_scale=10.0)
+    for i, w in enumerate((10.0, 1.0, 1.0)):  # unequal aggregator-side weights lower σ_eff
+        acc.add(make_update(KEYS[f"c{i}"], f"c{i}", np.full(10, 0.01), weight=w, dp=DP_SPEC))
+    with pytest.raises(DecryptionRefused, match="use client weighting") as info:
+        kh.decrypt(acc.result().encode())
+    assert info.value.reason == "noise_too_low"

@@ -28,6 +28,7 @@ from secure_xfl.privacy.ledger import (
     canonical_bytes,
     entry_hash,
     load_verify_key,
+    outcome_of,
     read_ledger,
 )
 
@@ -153,12 +154,91 @@ def test_append_refuses_invalid_entries(
     assert (tmp_path / "l.jsonl").read_bytes() == b""
 
 
-def test_round_recorded_once(tmp_path: Path, key: Any) -> None:
+def test_round_released_once(tmp_path: Path, key: Any) -> None:
     with PrivacyLedger(tmp_path / "l.jsonl", key) as ledger:
         _round(ledger, 0, ["a"])
-        with pytest.raises(LedgerError, match="already recorded"):
+        with pytest.raises(LedgerError, match="already recorded as released"):
             _round(ledger, 0, ["a", "b"])
         _round(ledger, 0, ["a"], run="run-2")
+        assert len(ledger) == 2
+
+
+def test_refused_decryptions_then_one_release(tmp_path: Path, key: Any) -> None:
+    path = tmp_path / "l.jsonl"
+    refused = {"outcome": "refused", "reason": "aggregate_out_of_bounds"}
+    with PrivacyLedger(path, key) as ledger:
+        assert not ledger.released("run-1", 0) and ledger.attempts("run-1", 0) == 0
+        first = _round(ledger, 0, ["a", "b"], **refused)
+        _round(ledger, 0, ["a", "c"], outcome="refused", reason="lane_integrity")
+        assert ledger.attempts("run-1", 0) == 2 and not ledger.released("run-1", 0)
+        done = _round(ledger, 0, ["a", "b", "c"])
+        assert ledger.released("run-1", 0) and ledger.attempts("run-1", 0) == 2
+        with pytest.raises(LedgerError, match="refused after its release"):
+            _round(ledger, 0, ["a"], **refused)
+        with pytest.raises(LedgerError, match="released again"):
+            _round(ledger, 0, ["a"])
+        _round(ledger, 1, ["a"], **refused)  # other rounds are unaffected
+        assert len(ledger) == 4
+    assert first["outcome"] == "refused" and first["reason"] == "aggregate_out_of_bounds"
+    assert done["outcome"] == "released" and "reason" not in done
+    entries = read_ledger(path, key.public_key())
+    assert [outcome_of(e) for e in entries] == ["refused", "refused", "released", "refused"]
+    with PrivacyLedger(path, key) as ledger:  # the state is rebuilt from the file
+        assert ledger.released("run-1", 0) and ledger.attempts("run-1", 0) == 2
+        assert ledger.attempts("run-1", 1) == 1 and not ledger.released("run-1", 1)
+        with pytest.raises(LedgerError):
+            _round(ledger, 0, ["a"], **refused)
+        _round(ledger, 1, ["a", "b"])
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"outcome": "refused"},  # a refusal needs its reason
+        {"outcome": "refused", "reason": ""},
+        {"outcome": "refused", "reason": "out of bounds; rm -rf"},
+        {"outcome": "released", "reason": "aggregate_out_of_bounds"},
+        {"outcome": "withheld", "reason": "x"},
+        {"client_epsilon": -1.0},
+        {"client_epsilon": math.nan},
+        {"client_epsilon": "1.0"},
+    ],
+)
+def test_append_refuses_bad_outcomes_and_claims(
+    tmp_path: Path, key: Any, over: dict[str, Any]
+) -> None:
+    with PrivacyLedger(tmp_path / "l.jsonl", key) as ledger:
+        with pytest.raises(LedgerError):
+            _round(ledger, 0, ["a"], **over)
+        assert len(ledger) == 0 and ledger.attempts("run-1", 0) == 0
+
+
+def test_client_epsilon_round_trips(tmp_path: Path, key: Any) -> None:
+    path = tmp_path / "l.jsonl"
+    with PrivacyLedger(path, key) as ledger:
+        budget = ledger.budget("run-1", DELTA)
+        _, worst, _ = budget.projected(1.1, 0.5, ["a", "b"])
+        _round(ledger, 0, ["a", "b"], client_epsilon=worst)
+        _round(ledger, 1, ["a"], noise_multiplier=0.0, client_epsilon=math.inf)
+        _round(ledger, 2, ["a"])  # not given: the field is left out
+    e0, e1, e2 = read_ledger(path, key.public_key())
+    assert e0["client_epsilon"] == worst == pytest.approx(epsilon_for(1.1, 1.0, 1, DELTA))
+    assert e1["client_epsilon"] is None and "client_epsilon" not in e2
+
+
+def test_entries_without_outcome_read_as_released(tmp_path: Path, key: Any) -> None:
+    # A line from a key holder that predates the field, signed and chained.
+    path = tmp_path / "l.jsonl"
+    with PrivacyLedger(path, key) as ledger:
+        entry = _round(ledger, 0, ["a"])
+    del entry["outcome"]
+    path.write_bytes(_resign(key, entry))
+    (old,) = read_ledger(path, key.public_key())
+    assert "outcome" not in old and outcome_of(old) == "released"
+    with PrivacyLedger(path, key) as ledger:
+        assert ledger.released("run-1", 0) and ledger.attempts("run-1", 0) == 0
+        with pytest.raises(LedgerError, match="already recorded as released"):
+            _round(ledger, 0, ["a"])
 
 
 def test_refuses_to_append_to_a_broken_ledger(tmp_path: Path, key: Any) -> None:
@@ -290,6 +370,10 @@ def _resign(key: Any, obj: dict[str, Any]) -> bytes:
         lambda e: e.update(type="other/v1"),
         lambda e: e.update(seq=5),
         lambda e: e.update(prev="00" * 32),
+        lambda e: e.update(outcome="refused"),  # no reason
+        lambda e: e.update(reason="x"),  # reason on a released entry
+        lambda e: e.update(outcome=None),
+        lambda e: e.update(client_epsilon=1),
     ],
 )
 def test_structural_checks_apply_to_signed_lines(tmp_path: Path, key: Any, edit: Any) -> None:

@@ -65,6 +65,10 @@ class Federation:
         return self.dir / "ca.pem"
 
     @property
+    def crl_path(self) -> Path:
+        return self.dir / "crl.pem"
+
+    @property
     def kh_path(self) -> Path:
         return self.dir / "keyholder-cert.pem"
 
@@ -87,6 +91,7 @@ def fed(tmp_path: Path, pki_material: Any) -> Federation:
     ca, ca_key, kh, clients = pki_material
     f = Federation(ca, ca_key, kh, dict(clients), tmp_path)
     f.ca_path.write_text(_pem(ca))
+    f.crl_path.write_bytes(pki.build_crl(ca, ca_key, []).public_bytes(serialization.Encoding.PEM))
     f.kh_path.write_text(_pem(kh.cert))
     return f
 
@@ -194,7 +199,11 @@ def test_statements_are_kept_in_the_file_not_in_the_writers_memory(fed: Federati
 
 def test_without_ca_the_signatures_are_still_checked(fed: Federation) -> None:
     path, _ = write(fed)
-    report = audit(path, fed.kh_path)
+    # Without a CA nothing shows who signed: not authentic, with the way to pass one.
+    refused = audit(path, fed.kh_path)
+    assert refused.exit_code == 2 and "--ca CA_PEM" in refused.problems[0]
+    assert "--kit KIT_DIR" in refused.problems[0]
+    report = audit(path, fed.kh_path, trust_key_only=True)
     assert report.exit_code == 0 and report.signer is None
     assert any("no federation CA" in n for n in report.notes)
     assert report.per_round[0]["signed_sigma"] is not None
@@ -221,7 +230,7 @@ def test_edited_dp_breaks_the_clients_signature(fed: Federation) -> None:
     # Unverifiable evidence supports no noise: ε is unbounded, not the forged σ's.
     assert report.epsilon["rdp"] == float("inf")
     # The signature check needs no CA.
-    assert audit(path, fed.kh_path).exit_code == 2
+    assert audit(path, fed.kh_path, trust_key_only=True).exit_code == 2
 
 
 def test_ledger_signed_by_a_client_with_its_genuine_certificate(fed: Federation) -> None:
@@ -229,7 +238,7 @@ def test_ledger_signed_by_a_client_with_its_genuine_certificate(fed: Federation)
     path, _ = write(fed, key=mallory.key)
     (fed.dir / "delta.pem").write_text(_pem(mallory.cert))
     # The chain verifies under delta's key, so only the CA can tell this apart.
-    assert audit(path, fed.dir / "delta.pem").exit_code == 0
+    assert audit(path, fed.dir / "delta.pem", trust_key_only=True).exit_code == 0
     report = audit(path, fed.dir / "delta.pem", ca=fed.ca_path)
     assert report.exit_code == 2
     assert "key holder" in report.problems[0] and "wrong_role" in report.problems[0]
@@ -238,8 +247,8 @@ def test_ledger_signed_by_a_client_with_its_genuine_certificate(fed: Federation)
 def test_keyholder_key_without_certificate_cannot_be_checked(fed: Federation) -> None:
     path, _ = write(fed)
     bare = fed.keyholder.key.public_key()
-    assert audit(path, bare).exit_code == 0
-    assert audit(path, bare, ca=fed.ca).exit_code == 2
+    assert audit(path, bare, trust_key_only=True).exit_code == 0
+    assert audit(path, bare, ca=fed.ca, crl=fed.crl_path).exit_code == 2
 
 
 def test_keyholder_certificate_from_another_ca(fed: Federation) -> None:
@@ -264,7 +273,7 @@ def test_client_certificate_from_another_ca(fed: Federation) -> None:
     assert report.exit_code == 2
     assert any("beta" in p and "not a client" in p for p in report.problems)
     # Self-consistent without the CA: the signature matches its (fake) certificate.
-    assert audit(path, fed.kh_path).exit_code == 0
+    assert audit(path, fed.kh_path, trust_key_only=True).exit_code == 0
 
 
 def test_statement_with_another_clients_certificate(fed: Federation) -> None:
@@ -402,7 +411,7 @@ def test_missing_statements_are_a_problem_under_the_ca(fed: Federation) -> None:
     assert report.exit_code == 1 and msg in report.problems
     assert report.per_round[1]["signed_sigma"] is None
     assert report.per_round[1]["sigma_used"] == 1.2
-    plain = audit(path, fed.kh_path, prv=False)
+    plain = audit(path, fed.kh_path, prv=False, trust_key_only=True)
     assert plain.exit_code == 0 and msg in plain.notes
 
 
@@ -502,3 +511,122 @@ def test_certificates_are_judged_at_the_release(fed: Federation) -> None:
     (fed.dir / "early.pem").write_text(_pem(early))
     bad = audit(path, fed.dir / "early.pem", ca=fed.ca_path, prv=False)
     assert bad.exit_code == 2 and "not_yet_valid" in bad.problems[0]
+
+
+# -------------------------------------------------- trust: CRL, federation, kits
+
+
+def _crl(fed: Federation, *revoked: x509.Certificate, name: str = "revoked.pem") -> Path:
+    path = fed.dir / name
+    crl = pki.build_crl(fed.ca, fed.ca_key, [c.serial_number for c in revoked])
+    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_revoked_keyholder_certificate(fed: Federation) -> None:
+    path, _ = write(fed)
+    revoked = _crl(fed, fed.keyholder.cert)
+    report = audit(path, fed.kh_path, ca=fed.ca_path, crl=revoked, prv=False)
+    assert report.exit_code == 2 and "revoked" in report.problems[0]
+    # A CRL that revokes someone else changes nothing; the default is crl.pem beside the CA.
+    other = _crl(fed, fed.clients["delta"].cert, name="other-crl.pem")
+    assert audit(path, fed.kh_path, ca=fed.ca_path, crl=other, prv=False).exit_code == 0
+    fed.crl_path.write_bytes(revoked.read_bytes())
+    assert audit(path, fed.kh_path, ca=fed.ca_path, prv=False).exit_code == 2
+
+
+def test_a_crl_is_required_and_must_be_the_cas(fed: Federation) -> None:
+    path, _ = write(fed)
+    fed.crl_path.unlink()
+    missing = audit(path, fed.kh_path, ca=fed.ca_path, prv=False)
+    assert missing.exit_code == 2 and "--crl CRL_PEM" in missing.problems[0]
+    assert audit(path, fed.kh_path, ca=fed.ca, prv=False).exit_code == 2  # no path, no default
+    other, other_key = pki.create_ca(FED)
+    foreign = pki.build_crl(other, other_key, [])
+    bad = audit(path, fed.kh_path, ca=fed.ca, crl=foreign, prv=False)
+    assert bad.exit_code == 2 and "bad_crl" in bad.problems[0]
+    good = pki.build_crl(fed.ca, fed.ca_key, [])
+    assert audit(path, fed.kh_path, ca=fed.ca, crl=good, prv=False).exit_code == 0
+
+
+def test_keyholder_of_another_federation(fed: Federation) -> None:
+    # Our CA, the keyholder role, but another federation's SPIFFE id.
+    cert, key = pki.issue_certificate(
+        fed.ca, fed.ca_key, pki.PeerIdentity("other", "keyholder", "keyholder")
+    )
+    path, _ = write(fed, key=key)
+    (fed.dir / "other-kh.pem").write_text(_pem(cert))
+    report = audit(path, fed.dir / "other-kh.pem", ca=fed.ca_path, prv=False)
+    assert report.exit_code == 2 and "wrong_federation" in report.problems[0]
+    # The auditor's kit names another federation than the CA serves.
+    path.unlink()
+    path, _ = write(fed)
+    assert audit(path, fed.kh_path, ca=fed.ca_path, prv=False, federation=FED).exit_code == 0
+    kit_mismatch = audit(path, fed.kh_path, ca=fed.ca_path, prv=False, federation="other")
+    assert kit_mismatch.exit_code == 2 and "wrong_federation" in kit_mismatch.problems[0]
+
+
+def test_refused_and_retried_round_with_statements(fed: Federation) -> None:
+    path = fed.dir / "ledger.jsonl"
+    with PrivacyLedger(path, fed.keyholder.key) as ledger:
+        sts = [statement(n, 0) for n in CLIENTS]
+        sigma, sens = signed_sigma(sts)
+        items = [item(s, fed.clients[s.client]) for s in sts]
+        append(ledger, 0, items, sigma=sigma, sensitivity=sens, outcome="refused",
+               reason="aggregate_out_of_bounds")  # fmt: skip
+        honest_round(ledger, fed, 0, CLIENTS)  # the retry, fresh noise, same cohort
+    report = audit(path, fed.kh_path, ca=fed.ca_path, prv=False)
+    assert report.exit_code == 0, report.problems
+    assert report.rounds == 1 and report.refused == 1
+    assert report.epsilon["rdp"] == pytest.approx(
+        epsilon([(sigma, 3 / ENROLLED, 1)] * 2, DEFAULT_DELTA)
+    )
+
+
+def _kit(root: Path, fed: Federation, role: str, federation: str = FED) -> Path:
+    root.mkdir(parents=True)
+    (root / "config.toml").write_text(
+        f'[federation]\nname = "{federation}"\n\n[party]\nrole = "{role}"\nname = "{role}"\n'
+    )
+    (root / "ca.pem").write_text(_pem(fed.ca))
+    (root / "crl.pem").write_bytes(fed.crl_path.read_bytes())
+    if role == "keyholder":
+        (root / "cert.pem").write_text(_pem(fed.keyholder.cert))
+    return root
+
+
+def test_cli_trust_from_kits_ca_and_crl(
+    fed: Federation, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from secure_xfl.cli import main as cli_main
+
+    def main(*argv: str | Path) -> int:
+        return cli_main(["audit", *map(str, argv), "--no-prv"])
+
+    path, _ = write(fed)
+    elsewhere = fed.dir / "copy" / "ledger.jsonl"  # no keyholder-cert.pem beside it
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(path.read_bytes())
+    kh_kit = _kit(fed.dir / "kh-kit", fed, "keyholder")
+    client_kit = _kit(fed.dir / "client-kit", fed, "client")
+    assert main(elsewhere, "--kit", kh_kit, "--json") == 0  # CA, CRL and cert from the kit
+    assert json.loads(capsys.readouterr().out)["signer"] == "spiffe://fed/keyholder/keyholder"
+    assert main(path, "--kit", client_kit) == 0  # a client's kit: cert beside the ledger
+    assert main(elsewhere, "--kit", client_kit) == 2  # ... and none beside this copy
+    assert "--cert" in capsys.readouterr().err
+    assert main(elsewhere, "--kit", client_kit, "--cert", fed.kh_path) == 0
+    assert main(path, "--ca", fed.ca_path) == 0  # crl.pem beside the CA
+    assert main(path, "--ca", fed.ca_path, "--budget", "0.5") == 1
+    capsys.readouterr()
+    # Revoked, foreign federation, no CRL, no CA: all exit 2.
+    assert main(path, "--ca", fed.ca_path, "--crl", _crl(fed, fed.keyholder.cert)) == 2
+    assert "revoked" in capsys.readouterr().out
+    assert main(path, "--kit", _kit(fed.dir / "k3", fed, "client", federation="other")) == 2
+    assert "wrong_federation" in capsys.readouterr().out
+    (fed.dir / "lonely").mkdir()
+    (fed.dir / "lonely" / "ca.pem").write_text(_pem(fed.ca))
+    assert main(path, "--ca", fed.dir / "lonely" / "ca.pem") == 2
+    assert "--crl CRL_PEM" in capsys.readouterr().err
+    assert main(path) == 2
+    err = capsys.readouterr().err
+    assert "--ca CA_PEM" in err and "--kit KIT_DIR" in err

@@ -20,6 +20,7 @@ from secure_xfl.crypto.context import get_preset
 from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.errors import DecryptionRefused
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy
+from secure_xfl.crypto.protect import seal_vector
 from secure_xfl.errors import SecureXFLError
 from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.protocol import messages
@@ -59,6 +60,7 @@ class Sim:
     training: dict[str, float] = field(default_factory=dict)  # client -> finishes at
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     done: dict[str, Done] = field(default_factory=dict)
+    unclipped: dict[str, int] = field(default_factory=dict)  # client -> bad uploads left
     log: list[str] = field(default_factory=list)
 
     def reply(self, name: str, act: Call) -> list[Action]:
@@ -68,7 +70,7 @@ class Sim:
         if act.method == "decline":
             core.decline(name, act.fields["round"], "x", "y", self.now)
             return m.on_reply("ack", {}, self.now)
-        out = core.task(name, act.fields["after"], self.now)
+        out = core.task(name, act.fields["after"], self.now, act.fields["attempt"])
         if isinstance(out, Finished):
             return m.on_reply("done", {"ok": out.ok, "reason": out.reason}, self.now)
         if isinstance(out, Wait):
@@ -93,8 +95,12 @@ class Sim:
         if isinstance(act, SealAndUpload):
             _, public = contexts()
             layout = layout_of({"w": torch.zeros(NUMEL)})
-            blob = protect_vector(
-                self.vectors[name],
+            vec, protect = self.vectors[name], protect_vector
+            if self.unclipped.get(name, 0) > 0:  # signs the plan's DP, skips clip and noise
+                self.unclipped[name] -= 1
+                vec, protect = np.full(NUMEL, 500.0 / np.sqrt(NUMEL)), seal_vector
+            blob = protect(
+                vec,
                 dp=act.dp,
                 weight=act.weight,
                 weighting=act.plan.weighting,
@@ -293,4 +299,31 @@ def test_next_deadline_drives_waits() -> None:
     assert m.on_reply("wait", {"retry_s": 0.5}, 1.0) == []
     assert m.next_deadline() == pytest.approx(1.5)
     assert m.handle_timer(1.2) == []
-    assert m.handle_timer(1.5) == [Call("task", {"after": -1})]
+    assert m.handle_timer(1.5) == [Call("task", {"after": -1, "attempt": 0})]
+
+
+def test_an_unclipped_update_does_not_burn_the_round(tmp_path: Path) -> None:
+    """c signs the plan's DP but uploads an update of norm 500 C once: the key holder
+    refuses the aggregate after decryption (charged), the round is re-opened, every
+    client retrains with fresh noise and the retry is released."""
+    s = sim(tmp_path, rounds=1)
+    s.unclipped["c"] = 1
+    s.run()
+    assert s.core.ok, s.core.outcome
+    assert s.core.refused_cohorts == ["attempt 0: a, b, c (aggregate_out_of_bounds)"]
+    assert s.kh.record.refused("r", 0) == 1 and s.kh.already_decrypted("r", 0)
+    assert sum(line == "a trains round 0" for line in s.log) == 2  # retrained, fresh noise
+
+
+def test_a_client_that_keeps_cheating_ends_the_run_with_the_cohorts_listed(
+    tmp_path: Path,
+) -> None:
+    s = sim(tmp_path, rounds=2)
+    s.unclipped["c"] = 99
+    s.run()
+    # Two refused decryptions (the key holder's max_attempts, each charged), then the key
+    # holder refuses a third before decrypting and the coordinator stops the run.
+    assert not s.core.ok and "too_many_attempts" in s.core.outcome
+    assert s.core.outcome.count("aggregate_out_of_bounds") == 2
+    assert s.kh.record.refused("r", 0) == 2
+    assert not s.kh.already_decrypted("r", 0)

@@ -1,6 +1,6 @@
 """Reading and verifying a ledger: the chain (signatures, order, canonical form) and
-the evidence behind each entry (the signer's and the clients' certificates, the
-clients' signed statements).
+the evidence behind each entry (the clients' certificates and signed statements;
+the signer's certificate is :mod:`~secure_xfl.privacy.ledger.trust`'s).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from secure_xfl.privacy.ledger.schema import (
 )
 from secure_xfl.wire import bounded_unpack
 
-__all__ = ["StatementCheck", "as_certificate", "read_ledger", "verify_signer", "verify_statements"]
+__all__ = ["StatementCheck", "as_certificate", "entry_time", "read_ledger", "verify_statements"]
 
 # σ and sensitivity are recomputed with the key holder's own function from the
 # same signed numbers, so only float noise separates an honest record from ours.
@@ -188,28 +188,13 @@ def as_certificate(source: Any) -> x509.Certificate | None:
     return x509.load_pem_x509_certificate(pem[: pki.MAX_PKI_FILE_BYTES])
 
 
-def _when(entry: dict[str, Any]) -> _dt.datetime:
-    # The schema has already checked the format; certificates are judged at the
-    # release the entry records, so an audit years later still verifies.
-    return _dt.datetime.fromisoformat(entry["time"][:-1] + "+00:00")
+def entry_time(entry: dict[str, Any]) -> _dt.datetime:
+    """The entry's ``time`` as a UTC datetime (the schema has checked its format).
 
-
-def verify_signer(
-    cert: Any, ca: x509.Certificate, entries: list[dict[str, Any]]
-) -> pki.PeerIdentity:
-    """The signer's identity: ``cert`` must be a ``keyholder`` certificate issued by
-    ``ca``, valid at every release in ``entries``; raises :class:`~secure_xfl.crypto.pki.PkiError`.
+    Certificates are judged at the decryption the entry records, so an audit
+    years later still verifies.
     """
-    kh = as_certificate(cert)
-    if kh is None:
-        raise pki.PkiError("a bare public key cannot be checked against the CA; pass the cert")
-    times = sorted(_when(e) for e in entries) or [_dt.datetime.now(_dt.UTC)]
-    identity = None
-    # Validity is an interval: the first and last release bound all the others.
-    for when in {times[0], times[-1]}:
-        identity = pki.verify_peer([kh], ca, crl=None, allowed_roles={"keyholder"}, now=when)
-    assert identity is not None
-    return identity
+    return _dt.datetime.fromisoformat(entry["time"][:-1] + "+00:00")
 
 
 # ------------------------------------------------------------------- statements
@@ -271,7 +256,7 @@ def verify_statements(
             try:
                 who = pki.verify_peer(
                     [cert], ca, crl=None, allowed_roles={"client"}, federation=federation,
-                    now=_when(entry),
+                    now=entry_time(entry),
                 )  # fmt: skip
             except pki.PkiError as exc:
                 out.forged.append(

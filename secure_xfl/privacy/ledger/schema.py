@@ -1,7 +1,9 @@
 """Tamper-evident privacy ledger: signed, hash-chained JSON Lines.
 
-The key holder appends one line per decrypted aggregate *before* it releases
-the plaintext, so every release is on record. Each line is the canonical JSON
+The key holder appends one line per decrypted aggregate — released or refused —
+*before* it releases the plaintext (or refuses it), so every decryption is on
+record and charged: the key holder saw a refused plaintext too, and retries of
+a round over overlapping cohorts could be differenced. Each line is the canonical JSON
 (:func:`canonical_bytes`: sorted keys, no whitespace, ASCII, no NaN) of an
 object with these fields:
 
@@ -9,7 +11,7 @@ object with these fields:
                      ledger line from being valid in any other protocol that
                      the same key may sign for
 ``seq``              0, 1, 2, … (position in the file)
-``run``, ``round``   which aggregate was released
+``run``, ``round``   which aggregate was decrypted
 ``time``             ISO-8601 UTC with a trailing ``Z``
 ``participants``     sorted, distinct client ids in the aggregate
 ``enrolled``         clients enrolled in the run
@@ -19,8 +21,23 @@ object with these fields:
 ``sample_rate``      ``len(participants) / enrolled``
 ``delta``            δ of the run
 ``rule``             aggregation rule name
-``epsilon``          ε claimed after this round (RDP); ``null`` means unbounded
-                     (a round released without noise)
+``epsilon``          federation ε claimed after this decryption (RDP), counting
+                     every earlier entry of the run, released or refused;
+                     ``null`` means unbounded (a round decrypted without noise)
+``outcome``          optional: ``"released"`` (the plaintext left the key
+                     holder) or ``"refused"`` (decrypted, failed validation,
+                     withheld; the round may be retried with fresh noise). A
+                     (run, round) has any number of refused entries, then at
+                     most one released one. Absent in older entries, which
+                     read as released (:func:`outcome_of`)
+``reason``           only on refused entries, required there: a short
+                     identifier of why, e.g. ``aggregate_out_of_bounds``
+``client_epsilon``   optional: the largest per-client ε among this entry's
+                     participants after it (RDP at rate 1, their rounds only;
+                     :meth:`PrivacyBudget.projected`); ``null`` means
+                     unbounded. A client's ε grows only when it takes part,
+                     so the running maximum over a run's entries is the
+                     largest ε of any client. Absent in older entries
 ``dp_sgd``           optional: record-level DP-SGD parameters of clients
 ``statements``       optional: the evidence behind ``noise_multiplier`` and
                      ``clip_norm`` — one object per participant, in
@@ -57,6 +74,7 @@ import itertools
 import json
 import math
 import os
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -79,6 +97,7 @@ __all__ = [
     "canonical_bytes",
     "entry_hash",
     "load_verify_key",
+    "outcome_of",
     "validate_entry",
 ]
 
@@ -112,7 +131,10 @@ _REQUIRED = frozenset(
         "noise_multiplier", "sample_rate", "delta", "rule", "epsilon", "prev", "sig",
     }
 )  # fmt: skip
-_OPTIONAL = frozenset({"dp_sgd", "statements", "weight_scale"})
+_OPTIONAL = frozenset(
+    {"dp_sgd", "statements", "weight_scale", "outcome", "reason", "client_epsilon"}
+)
+OUTCOMES = ("released", "refused")
 _STATEMENT_KEYS = frozenset({"client", "signed", "cert"})
 _PEM_BEGIN = "-----BEGIN CERTIFICATE-----"
 _PEM_END = "-----END CERTIFICATE-----"
@@ -286,6 +308,24 @@ def _check_dp_sgd(value: Any, line_no: int) -> None:
         raise _fail(f"dp_sgd[{key!r}] must be a scalar", line_no)
 
 
+def outcome_of(entry: Mapping[str, Any]) -> str:
+    """``"released"`` or ``"refused"``; entries from before the field read as released."""
+    return str(entry.get("outcome", "released"))
+
+
+def _check_outcome(obj: dict[str, Any], line_no: int) -> None:
+    outcome = obj.get("outcome", "released")
+    if outcome not in OUTCOMES:
+        raise _fail(f"outcome must be one of {list(OUTCOMES)}", line_no)
+    if outcome == "released":
+        if "reason" in obj:
+            raise _fail("reason is only recorded on refused entries", line_no)
+        return
+    reason = obj.get("reason")
+    if not isinstance(reason, str) or not 0 < len(reason) <= 64 or not set(reason) <= _RULE_CHARS:
+        raise _fail("a refused entry needs a reason: a short identifier", line_no)
+
+
 def _check_pem(value: Any, line_no: int, index: int) -> None:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_CERT_PEM_CHARS:
         raise _fail(
@@ -354,8 +394,10 @@ def validate_entry(obj: Any, line_no: int = 0) -> dict[str, Any]:
     rule = obj["rule"]
     if not isinstance(rule, str) or not 0 < len(rule) <= 64 or not set(rule) <= _RULE_CHARS:
         raise _fail("rule must be a short identifier", line_no)
-    if obj["epsilon"] is not None and _float(obj, "epsilon", line_no) < 0:
-        raise _fail("epsilon must be ≥ 0 or null", line_no)
+    for name in ("epsilon", "client_epsilon"):
+        if obj.get(name) is not None and _float(obj, name, line_no) < 0:
+            raise _fail(f"{name} must be ≥ 0 or null", line_no)
+    _check_outcome(obj, line_no)
     if "dp_sgd" in obj:
         _check_dp_sgd(obj["dp_sgd"], line_no)
     if "statements" in obj:

@@ -28,6 +28,7 @@ from secure_xfl.privacy.ledger.schema import (
     _sign,
     canonical_bytes,
     entry_hash,
+    outcome_of,
     validate_entry,
 )
 
@@ -50,6 +51,15 @@ def _as_float(value: Any) -> float:
     return float(value)
 
 
+def _claim(value: float | None) -> float | None:
+    """An ε claim as written: ``None`` (JSON null) for unbounded."""
+    if value is None or (isinstance(value, int | float) and value == math.inf):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise LedgerError(f"ε claims must be numbers, got {type(value).__name__}")
+    return float(value)
+
+
 def _now_utc() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -61,8 +71,11 @@ class PrivacyLedger:
     refuses a broken one (including a torn last line left by a crash: an
     operator must look at it, since silently dropping it could hide a
     release). The file is created with mode 0600, locked exclusively
-    (``flock``) while open, and fsynced after every append. A (run, round)
-    can be recorded only once, mirroring the key holder's decrypt-once rule.
+    (``flock``) while open, and fsynced after every append. Every decryption
+    is recorded: a (run, round) takes any number of ``refused`` entries
+    (validation failed, the plaintext was withheld) and then at most one
+    ``released`` entry, mirroring the key holder's release-once rule. Refused
+    entries are charged exactly like released ones (:meth:`budget`).
     """
 
     def __init__(self, path: str | os.PathLike[str], signing_key: SigningKey) -> None:
@@ -83,7 +96,10 @@ class PrivacyLedger:
         except BaseException:
             os.close(self._fd)
             raise
-        self._rounds = {(e["run"], e["round"]) for e in self._entries}
+        self._released: set[tuple[str, int]] = set()
+        self._attempts: dict[tuple[str, int], int] = {}
+        for e in self._entries:
+            self._note(e)
         self._budgets: dict[tuple[str, float], PrivacyBudget] = {}
         self._broken = False
 
@@ -123,6 +139,13 @@ class PrivacyLedger:
             raise
         return fd
 
+    def _note(self, entry: Mapping[str, Any]) -> None:
+        key = (entry["run"], entry["round"])
+        if outcome_of(entry) == "released":
+            self._released.add(key)
+        else:
+            self._attempts[key] = self._attempts.get(key, 0) + 1
+
     # -- lifecycle
 
     def close(self) -> None:
@@ -156,8 +179,17 @@ class PrivacyLedger:
         """
         return [copy.deepcopy(e) for e in self._entries if run is None or e["run"] == run]
 
+    def released(self, run: str, round: int) -> bool:
+        """Whether a released entry of (``run``, ``round``) is on the ledger."""
+        return (run, round) in self._released
+
+    def attempts(self, run: str, round: int) -> int:
+        """How many refused entries (``run``, ``round``) has."""
+        return self._attempts.get((run, round), 0)
+
     def budget(self, run: str, delta: float = DEFAULT_DELTA) -> PrivacyBudget:
-        """The :class:`PrivacyBudget` of ``run`` at ``delta`` from the recorded rounds.
+        """The :class:`PrivacyBudget` of ``run`` at ``delta`` from the recorded entries:
+        every decryption, released or refused, is one Gaussian mechanism application.
 
         The caller gets its own copy; stepping it does not touch the ledger.
         """
@@ -173,13 +205,15 @@ class PrivacyLedger:
         return cached
 
     def spent(self, run: str, delta: float) -> float:
-        """ε spent by ``run`` so far at ``delta`` (federation view, RDP)."""
+        """ε spent by ``run`` so far at ``delta`` (federation view, RDP; refused
+        decryptions included)."""
         return self._budget(run, delta).federation_epsilon()
 
     def would_spend(
         self, run: str, *, noise_multiplier: float, sample_rate: float, delta: float
     ) -> float:
-        """Federation ε of ``run`` if one more round with these parameters were released."""
+        """Federation ε of ``run`` after one more decryption with these parameters
+        (released or refused: both are charged)."""
         budget = self._budget(run, delta)
         # The federation figure does not depend on who took part; a placeholder
         # cohort keeps projected()'s participant check satisfied.
@@ -204,16 +238,25 @@ class PrivacyLedger:
         dp_sgd: dict[str, Any] | None = None,
         statements: Sequence[Mapping[str, Any]] | None = None,
         weight_scale: float | None = None,
+        outcome: str = "released",
+        reason: str | None = None,
+        client_epsilon: float | None = None,
     ) -> dict[str, Any]:
         """Sign, chain, write and fsync one entry; returns it (with ``sig``).
 
-        ``epsilon`` is the claim after this round (``None`` or ``inf`` for
-        unbounded); :meth:`would_spend` computes it. ``statements`` are the
+        ``epsilon`` is the federation claim after this decryption (``None`` or
+        ``inf`` for unbounded); :meth:`would_spend` computes it.
+        ``client_epsilon`` is the largest participant's ε after it (the second
+        figure of :meth:`PrivacyBudget.projected`; ``inf`` for unbounded,
+        ``None`` leaves the field out). ``outcome`` is ``"released"`` or
+        ``"refused"``; a refused entry needs ``reason``, a short identifier
+        such as ``aggregate_out_of_bounds``. ``statements`` are the
         participants' signed statements ``{"client", "signed", "cert"}`` (see
         the schema's field table), one per participant; ``weight_scale`` the
         aggregator-side divisor of their weights. Raises
         :class:`LedgerError` when the entry is invalid, the (run, round) is
-        already recorded, the ledger is full, or an earlier write failed.
+        already released (a second release, or a refusal after the release),
+        the ledger is full, or an earlier write failed.
         """
         if self._fd < 0:
             raise LedgerError("ledger is closed")
@@ -226,7 +269,7 @@ class PrivacyLedger:
                 raise LedgerError(
                     f"sample_rate {sample_rate} != participants/enrolled = {realised}"
                 )
-        eps = None if epsilon is None or epsilon == math.inf else float(epsilon)
+        eps = _claim(epsilon)
         entry: dict[str, Any] = {
             "type": LEDGER_TYPE,
             "seq": len(self._entries),
@@ -250,12 +293,19 @@ class PrivacyLedger:
             entry["statements"] = _statement_list(statements)
         if weight_scale is not None:
             entry["weight_scale"] = _as_float(weight_scale)
+        entry["outcome"] = outcome
+        if reason is not None:
+            entry["reason"] = reason
+        if client_epsilon is not None:
+            entry["client_epsilon"] = _claim(client_epsilon)
         try:
             validate_entry(entry)
         except LedgerInvalid as exc:
             raise LedgerError(f"refusing to append: {exc.reason}") from exc
-        if (run, round) in self._rounds:
-            raise LedgerError(f"run {run!r} round {round} is already recorded")
+        if (run, round) in self._released:
+            what = "released again" if outcome == "released" else "refused after its release"
+            raise LedgerError(f"run {run!r} round {round} is already recorded as released; "
+                              f"it cannot be {what}")  # fmt: skip
         del entry["sig"]
         entry["sig"] = _sign(self._key, canonical_bytes(entry))
         line = canonical_bytes(entry)
@@ -269,7 +319,7 @@ class PrivacyLedger:
         for (budget_run, _), budget in self._budgets.items():
             if budget_run == run:
                 budget.step(entry["noise_multiplier"], entry["sample_rate"], people)
-        self._rounds.add((run, round))
+        self._note(entry)
         self._head = entry_hash(line)
         return copy.deepcopy(entry)
 
