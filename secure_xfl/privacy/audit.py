@@ -182,13 +182,13 @@ class AuditReport:
             lines += ["", f"claimed eps (last entry, RDP): {_fmt(self.claimed_epsilon)}"]
         if self.per_round:
             lines += ["", "round  outcome   clients  rate    sigma rec.  sigma signed  "
-                      "eps claimed  eps      client eps claimed  client eps"]  # fmt: skip
+                      "eps claimed  eps         client eps claimed  client eps"]  # fmt: skip
             for r in self.per_round:
                 lines.append(
                     f"{r['round']:>5}  {r['outcome']:<8}  {r['participants']:>7}  "
                     f"{r['sample_rate']:<6.4g}  {_fmt(r['recorded_sigma']):>10}  "
                     f"{_fmt(r['signed_sigma']):>12}  {_fmt(r['claimed_epsilon']):>11}  "
-                    f"{_fmt(r['epsilon']):<7}  {_fmt(r['claimed_client_epsilon']):>18}  "
+                    f"{_fmt(r['epsilon']):<10}  {_fmt(r['claimed_client_epsilon']):>18}  "
                     f"{_fmt(r['client_epsilon'])}"
                 )
         if self.refusals:
@@ -357,7 +357,7 @@ def audit(
         msg = f"round {r}: no signed client statements; σ taken on the key holder's word"
         (problems if ca_cert is not None else notes).append(msg)
     if walk.unclaimed:
-        notes.append(f"{walk.unclaimed} entries claim no client_epsilon (older key holder)")
+        notes.append(f"{walk.unclaimed} entries claim no client_epsilon (not checked)")
 
     fed: dict[str, float | None] = {"rdp": 0.0, "prv": 0.0}
     per_client: dict[str, dict[str, Any]] = {}

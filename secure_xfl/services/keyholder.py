@@ -77,6 +77,7 @@ class KeyHolderService:
             state_dir=self.state_dir,
             before_release=self._check_budget,
             after_release=self._record,
+            on_refused=self._record_refused,
         )
         self._lock = asyncio.Lock()
 
@@ -110,16 +111,21 @@ class KeyHolderService:
         if why is not None:
             raise DecryptionRefused("budget_exceeded", f"round {release.round}: {why}")
 
-    def _record(self, release: Release) -> None:
+    def _record_refused(self, release: Release, reason: str) -> None:
+        """A decryption refused after validation is still on the ledger, and charged."""
+        self._record(release, outcome="refused", reason=reason)
+
+    def _record(
+        self, release: Release, outcome: str = "released", reason: str | None = None
+    ) -> None:
         p = self.kit.config.privacy
         rate = self._sample_rate(release)
-        eps = self.ledger.would_spend(
-            release.run,
-            noise_multiplier=release.noise_multiplier,
-            sample_rate=rate,
-            delta=p.delta,
-        )
+        budget = self.ledger.budget(release.run, p.delta)
+        eps, worst, _ = budget.projected(release.noise_multiplier, rate, release.participants)
         self.ledger.append(
+            outcome=outcome,
+            reason=reason,
+            client_epsilon=worst,
             run=release.run,
             round=release.round,
             participants=list(release.participants),

@@ -34,9 +34,13 @@ def test_run_stops_at_the_privacy_budget(tmp_path: Path) -> None:
     assert (root / "agg-out" / "rounds.jsonl").read_text().count("\n") == 2
 
     ledger = root / "keyholder" / "state" / "ledger.jsonl"
-    report = audit(ledger, root / "keyholder" / "cert.pem", budget=8.0)
+    report = audit(
+        ledger, root / "keyholder" / "cert.pem", ca=root / "keyholder" / "ca.pem", budget=8.0
+    )
     assert report.exit_code == 0, report.table()
     assert report.rounds == 2
     assert 7.0 < report.epsilon["rdp"] < 7.2
-    over = audit(ledger, root / "keyholder" / "cert.pem", budget=5.0)
+    over = audit(
+        ledger, root / "keyholder" / "cert.pem", ca=root / "keyholder" / "ca.pem", budget=5.0
+    )
     assert over.exit_code == 1
