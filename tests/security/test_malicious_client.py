@@ -1,0 +1,115 @@
+"""One malicious enrolled client breaks no promise (DESIGN §2), against real processes.
+
+Mallory holds a genuine certificate and kit and talks real mTLS QUIC to the real
+aggregator. She signs an absurd weight (refused by the aggregator before any
+ciphertext is touched), then an update of norm 500·C that she signs as clipped and
+noised under the round's plan. The aggregator cannot see the norm; the key holder
+decrypts the aggregate, finds it beyond the release bound of what its clients
+signed, charges and records the refusal, and releases nothing. The round is not
+burnt: it is re-opened, the honest client processes retrain with fresh noise, and
+the run completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from secure_xfl.crypto import pem, pki
+from secure_xfl.crypto.context import get_preset
+from secure_xfl.crypto.envelope import ProtectedUpdate, SignedStatement
+from secure_xfl.crypto.protect import seal_vector
+from secure_xfl.kit import Kit
+from secure_xfl.privacy.ledger import read_ledger
+from secure_xfl.protocol import messages
+from secure_xfl.protocol.plan import RoundPlan
+from secure_xfl.services.client import client_policy
+from secure_xfl.services.keyholder import LEDGER_FILE
+from tests.federation import federation
+from tests.security import live
+
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
+
+NUMEL = 2000
+SIGMA, CLIP, K = 1.0, 1.0, 3
+
+
+def test_absurd_weight_and_unclipped_update_are_contained(tmp_path: Path) -> None:
+    root = live.provision_run(
+        tmp_path,
+        (*live.HONEST, "mallory"),
+        rounds=1,
+        min_clients=K,
+        timeout_s=15.0,
+        privacy={"noise_multiplier": SIGMA, "clip_norm": CLIP},
+    )
+    mallory = Kit.load(root / "client-mallory")
+    preset = get_preset(mallory.config.federation.preset)
+    model = live.zero_model(NUMEL)
+
+    with federation(root) as fed:
+        fed.start_keyholder()
+        port = fed.start_aggregator(f"vector:{NUMEL}")
+
+        async def attack() -> dict[str, str]:
+            seen: dict[str, str] = {}
+            async with live.connect(mallory, "aggregator", port) as m:
+                out = await live.call(m, messages.encode("task", after=-1))
+                plan = RoundPlan.from_wire(messages.decode(out.body)["plan"])
+                honest = ProtectedUpdate.decode(live.honest_update(root, "mallory", 0, model, plan))
+                st = dataclasses.replace(honest.statement, weight=1e12)
+                heavy = ProtectedUpdate(
+                    SignedStatement(st, pki.sign(mallory.tls.private_key, st.signing_bytes())),
+                    honest.chunks,
+                )
+                upload = messages.encode("upload", round=0, update=heavy.encode())
+                seen["weight_1e12"] = (await live.call(m, upload)).code
+                unclipped = seal_vector(
+                    np.full(NUMEL, 500.0 * CLIP / np.sqrt(NUMEL)),
+                    ctx=mallory.public_context(),
+                    preset=preset,
+                    layout=live.layout_for(model),
+                    run=plan.run,
+                    round=0,
+                    client="mallory",
+                    signing_key=mallory.tls.private_key,
+                    dp=client_policy(mallory).dp,  # claims clip and noise it did not apply
+                    weight=0.5,
+                    weighting="client",
+                    plan_digest=plan.digest,
+                    base_model_digest=plan.model_digest,
+                )
+                upload = messages.encode("upload", round=0, update=unclipped.encode())
+                seen["unclipped"] = (await live.call(m, upload)).code
+                for c in live.HONEST:
+                    fed.start_client(c)
+                while True:  # hear "done" like a client, without uploading again
+                    out = await live.call(m, messages.encode("task", after=0, attempt=99))
+                    if out.ok and messages.decode(out.body)["t"] == "done":
+                        return seen
+                    await asyncio.sleep(0.5)
+
+        seen = live.run(asyncio.wait_for(attack(), 300))
+        assert fed.wait("aggregator", timeout=120) == 0, fed.logs()
+        for c in live.HONEST:
+            assert fed.wait(f"client-{c}", timeout=60) == 0, fed.logs()
+        agg_log, kh_log = fed.procs["aggregator"].text(), fed.procs["keyholder"].text()
+
+    assert seen == {"weight_1e12": "weight_out_of_bounds", "unclipped": "ok"}, seen
+    assert "aggregate_out_of_bounds" in kh_log and "re-opening it" in agg_log
+    kh = root / "keyholder"
+    entries = read_ledger(kh / "state" / LEDGER_FILE, pem.load_certificate(kh / "cert.pem"))
+    assert [(e["round"], e.get("outcome")) for e in entries] == [(0, "refused"), (0, "released")]
+    assert entries[0]["reason"] == "aggregate_out_of_bounds"
+    assert "mallory" in entries[0]["participants"]  # charged: the key holder saw it
+    assert entries[1]["participants"] == sorted(live.HONEST)
+    assert entries[1]["epsilon"] > entries[0]["epsilon"]  # both decryptions are charged
+    released = np.load(root / "agg-out" / "global-1.npy", allow_pickle=False)
+    # The honest average's norm is ≈ its noise, √d·σC/Σw ≈ 27; mallory's update alone
+    # would have added ≈ 500/Σw ≈ 240.
+    assert float(np.linalg.norm(released)) < 60
+    print(f"\nmalicious client: {seen}; ledger outcomes {[e['outcome'] for e in entries]}")
