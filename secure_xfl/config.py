@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-from secure_xfl.crypto.dpspec import DEFAULT_DELTA
+from secure_xfl.crypto.dpspec import DEFAULT_DELTA, DPSpec
 from secure_xfl.errors import ConfigError
 from secure_xfl.transport.config import TransportConfig
 
@@ -135,6 +135,16 @@ class KitConfig:
     """Service addresses."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     """QUIC settings."""
+
+    def dp_spec(self) -> DPSpec:
+        """The client-level DP this kit demands (or, for the aggregator, proposes)."""
+        p = self.privacy
+        return DPSpec(
+            clip_norm=p.clip_norm,
+            noise_multiplier=p.noise_multiplier,
+            min_clients=self.federation.min_clients,
+            delta=p.delta,
+        )
 
 
 T = TypeVar("T")

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from secure_xfl.crypto.context import check_context_matches, get_preset
-from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.pki import PeerIdentity
 from secure_xfl.errors import SecureXFLError
 from secure_xfl.kit import Kit
@@ -38,18 +37,13 @@ log = logging.getLogger("secure_xfl.aggregator")
 def coordinator_settings(kit: Kit) -> CoordinatorSettings:
     """What this aggregator proposes, from its own kit (clients and key holder check it)."""
     cfg = kit.config
-    rule, p = cfg.round.rule, cfg.privacy
+    rule = cfg.round.rule
     return CoordinatorSettings(
         run=cfg.federation.run,
         rounds=cfg.federation.rounds,
         min_clients=cfg.federation.min_clients,
         timeout_s=cfg.round.timeout_s,
-        dp=DPSpec(
-            clip_norm=p.clip_norm,
-            noise_multiplier=p.noise_multiplier,
-            min_clients=cfg.federation.min_clients,
-            delta=p.delta,
-        ),
+        dp=cfg.dp_spec(),
         local=LocalTraining(
             local_steps=cfg.round.local_steps,
             local_lr=cfg.round.local_lr,

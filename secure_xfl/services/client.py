@@ -21,7 +21,6 @@ import torch
 
 from secure_xfl.crypto.codec import flatten, layout_of
 from secure_xfl.crypto.context import check_context_matches, get_preset
-from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.kit import Kit
 from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.protocol import messages
@@ -51,15 +50,9 @@ _EXPECT = {"hello": {"welcome"}, "task": {"round", "wait", "done"}, "decline": {
 def client_policy(kit: Kit) -> ClientPolicy:
     """This kit's own privacy policy: the weakest plan it will train on."""
     cfg = kit.config
-    p = cfg.privacy
     return ClientPolicy(
         run=cfg.federation.run,
-        dp=DPSpec(
-            clip_norm=p.clip_norm,
-            noise_multiplier=p.noise_multiplier,
-            min_clients=cfg.federation.min_clients,
-            delta=p.delta,
-        ),
+        dp=cfg.dp_spec(),
         min_clients=cfg.federation.min_clients,
     )
 

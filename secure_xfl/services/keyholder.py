@@ -17,7 +17,6 @@ import msgpack
 from cryptography.hazmat.primitives import serialization
 
 from secure_xfl.crypto.context import check_context_matches, get_preset
-from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.envelope import SignedStatement
 from secure_xfl.crypto.errors import DecryptionRefused
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy, Release
@@ -42,12 +41,7 @@ def keyholder_policy(kit: Kit) -> KeyHolderPolicy:
     return KeyHolderPolicy(
         run=cfg.federation.run,
         min_clients=cfg.federation.min_clients,
-        dp=DPSpec(
-            clip_norm=p.clip_norm,
-            noise_multiplier=p.noise_multiplier,
-            min_clients=cfg.federation.min_clients,
-            delta=p.delta,
-        ),
+        dp=cfg.dp_spec(),
         buffered=make_rule(cfg.round.rule).buffered,
         max_staleness=cfg.round.max_staleness,
         max_weight=1.0 if cfg.round.rule == "dynamic" else cfg.round.effective_weight_cap,
