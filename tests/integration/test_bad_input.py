@@ -88,7 +88,7 @@ async def misbehave(kit: Kit, port: int, model: dict[str, np.ndarray]) -> dict[s
     await attempt("unknown_type", msgpack.packb({"t": "steal_key", "v": 1}))
     await attempt("bad_version", msgpack.packb({"t": "hello", "v": 99}))
     await attempt("missing_field", messages.encode("upload", round=0))
-    await attempt("oversized", b"\x00" * (LIMIT + 10))
+    await attempt("oversized", messages.encode("upload", round=0, update=bytes(LIMIT + 10)))
     await attempt("truncated", messages.encode("upload", round=0, update=signed(run, 0))[:-100])
     await attempt("wrong_round", messages.encode("upload", round=7, update=signed(run, 7)))
     await attempt(

@@ -198,7 +198,9 @@ def test_stalled_truncated_and_oversized_streams_at_both_servers(tmp_path: Path)
             out["stalled"] = await _stall(c, valid[: len(valid) // 2], stall_after * 4)
             await _reset_midway(c, valid[: len(valid) // 2])
             out["truncated"] = (await live.call(c, valid[: len(valid) // 2])).code
-            out["oversized"] = (await live.call(c, b"\x00" * (LIMIT + 1))).code
+            big = messages.encode(messages.decode(valid)["t"], pad=bytes(LIMIT + 1))
+            out["oversized"] = (await live.call(c, big)).code
+            out["not_a_message"] = (await live.call(c, b"\x00" * (LIMIT + 1))).code
             out["served_after"] = (await live.call(c, hello)).code
             out["valid_after"] = (await live.call(c, valid)).code
         return out
@@ -222,6 +224,7 @@ def test_stalled_truncated_and_oversized_streams_at_both_servers(tmp_path: Path)
         assert seen["stalled"] == f"reset:{ERR_TIMEOUT:#x}", seen
         assert seen["truncated"] == "protocol", seen
         assert seen["oversized"] in ("message_too_large", "stream_reset"), seen
+        assert seen["not_a_message"] in ("protocol", "stream_reset"), seen
         assert seen["served_after"] == "ok", seen
         assert seen["valid_after"] == "ok", seen
     assert "stalled for" in logs
