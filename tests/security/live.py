@@ -61,7 +61,7 @@ def provision_run(
     return provision(
         tmp,
         clients,
-        federation={"rounds": rounds, "min_clients": min_clients},
+        federation={"rounds": rounds, "min_clients": min_clients, **sections.pop("federation", {})},
         round={"timeout_s": timeout_s, "weight_cap": WEIGHT_CAP, **sections.pop("round", {})},
         transport={**TRANSPORT, **(transport or {})},
         **sections,

@@ -113,3 +113,70 @@ def test_absurd_weight_and_unclipped_update_are_contained(tmp_path: Path) -> Non
     # would have added ≈ 500/Σw ≈ 240.
     assert float(np.linalg.norm(released)) < 60
     print(f"\nmalicious client: {seen}; ledger outcomes {[e['outcome'] for e in entries]}")
+
+
+def test_a_lane_invalid_packed_update_does_not_burn_the_round(tmp_path: Path) -> None:
+    """Packed preset: mallory uploads a correctly signed update whose slots are not a
+    valid lane packing (half-integers). The key holder's lane check fails after
+    decryption: the refusal is recorded and charged, nothing is released, the round is
+    re-opened and the honest retry released; the run ends well (it used to be burnt)."""
+    from secure_xfl.crypto.codec import encrypt_slots
+    from secure_xfl.crypto.envelope import UpdateStatement, ciphertext_digest
+
+    root = live.provision_run(
+        tmp_path,
+        (*live.HONEST, "mallory"),
+        rounds=1,
+        min_clients=K,
+        timeout_s=15.0,
+        federation={"preset": "xfl-packed"},
+        privacy={"noise_multiplier": SIGMA, "clip_norm": CLIP},
+    )
+    mallory = Kit.load(root / "client-mallory")
+    preset = get_preset("xfl-packed")
+    with federation(root) as fed:
+        fed.start_keyholder()
+        port = fed.start_aggregator(f"vector:{NUMEL}")
+
+        async def attack() -> str:
+            async with live.connect(mallory, "aggregator", port) as m:
+                out = await live.call(m, messages.encode("task", after=-1))
+                plan = RoundPlan.from_wire(messages.decode(out.body)["plan"])
+                quant = plan.quant
+                assert quant is not None
+                n_slots = quant.chunk_slots(NUMEL, preset.slots)
+                chunks = encrypt_slots(
+                    mallory.public_context(),
+                    [np.full(k, 0.5) for k in n_slots],  # no integer: not a lane packing
+                    scale=2.0**quant.scale_bits,
+                )
+                st = UpdateStatement(
+                    run=plan.run, round=0, client="mallory", layout_digest=plan.layout_digest,
+                    preset=preset.name, numel=NUMEL, weight=0.5, weighting="client",
+                    ciphertext_digest=ciphertext_digest(chunks), loss=None, quant=quant,
+                    plan_digest=plan.digest, base_round=0, base_model_digest=plan.model_digest,
+                    dp=client_policy(mallory).dp,
+                )  # fmt: skip
+                sig = pki.sign(mallory.tls.private_key, st.signing_bytes())
+                blob = ProtectedUpdate(SignedStatement(st, sig), tuple(chunks)).encode()
+                code = (await live.call(m, messages.encode("upload", round=0, update=blob))).code
+                for c in live.HONEST:
+                    fed.start_client(c)
+                while True:
+                    out = await live.call(m, messages.encode("task", after=0, attempt=99))
+                    if out.ok and messages.decode(out.body)["t"] == "done":
+                        return code
+                    await asyncio.sleep(0.5)
+
+        code = live.run(asyncio.wait_for(attack(), 300))
+        assert fed.wait("aggregator", timeout=120) == 0, fed.logs()
+        kh_log = fed.procs["keyholder"].text()
+    assert code == "ok"  # the aggregator cannot see inside a ciphertext
+    assert "aggregate_invalid" in kh_log
+    kh = root / "keyholder"
+    entries = read_ledger(kh / "state" / LEDGER_FILE, pem.load_certificate(kh / "cert.pem"))
+    assert [(e.get("outcome"), e.get("reason")) for e in entries] == [
+        ("refused", "aggregate_invalid"),
+        ("released", None),
+    ]
+    assert entries[1]["participants"] == sorted(live.HONEST)
