@@ -27,6 +27,7 @@ from secure_xfl.crypto.envelope import EncryptedAggregate, ProtectedUpdate
 from secure_xfl.errors import TransportError
 from secure_xfl.kit import Kit
 from secure_xfl.privacy.protect import protect_vector
+from secure_xfl.protocol import messages
 from secure_xfl.protocol.coordinator import propose_plan
 from secure_xfl.protocol.plan import RoundPlan
 from secure_xfl.services.aggregator import coordinator_settings
@@ -209,6 +210,16 @@ async def call(client: RpcClient, payload: bytes, timeout: float = 30.0) -> Outc
         return Outcome(exc.code, message=exc.message)
     except TransportError as exc:
         return Outcome(exc.code, message=str(exc))
+
+
+async def hear_done(client: RpcClient, after: int, attempt: int = 1 << 20) -> None:
+    """Poll ``task`` like a client that will not upload again until the run is over, so
+    the aggregator need not linger waiting for this peer to hear ``done``."""
+    while True:
+        out = await call(client, messages.encode("task", after=after, attempt=attempt))
+        if out.ok and messages.decode(out.body)["t"] == "done":
+            return
+        await asyncio.sleep(0.5)
 
 
 def connect(kit: Kit, server_role: str, port: int) -> RpcClient:

@@ -87,11 +87,8 @@ def test_absurd_weight_and_unclipped_update_are_contained(tmp_path: Path) -> Non
                 seen["unclipped"] = (await live.call(m, upload)).code
                 for c in live.HONEST:
                     fed.start_client(c)
-                while True:  # hear "done" like a client, without uploading again
-                    out = await live.call(m, messages.encode("task", after=0, attempt=99))
-                    if out.ok and messages.decode(out.body)["t"] == "done":
-                        return seen
-                    await asyncio.sleep(0.5)
+                await live.hear_done(m, after=0)
+                return seen
 
         seen = live.run(asyncio.wait_for(attack(), 300))
         assert fed.wait("aggregator", timeout=120) == 0, fed.logs()
@@ -162,11 +159,8 @@ def test_a_lane_invalid_packed_update_does_not_burn_the_round(tmp_path: Path) ->
                 code = (await live.call(m, messages.encode("upload", round=0, update=blob))).code
                 for c in live.HONEST:
                     fed.start_client(c)
-                while True:
-                    out = await live.call(m, messages.encode("task", after=0, attempt=99))
-                    if out.ok and messages.decode(out.body)["t"] == "done":
-                        return code
-                    await asyncio.sleep(0.5)
+                await live.hear_done(m, after=0)
+                return code
 
         code = live.run(asyncio.wait_for(attack(), 300))
         assert fed.wait("aggregator", timeout=120) == 0, fed.logs()

@@ -107,12 +107,8 @@ def test_replay_across_rounds_and_tampering_are_refused_and_nothing_is_lost(
                 async with live.connect(alpha, "aggregator", port) as a:
                     seen["replay_of_alpha_by_alpha"] = (await live.call(a, _upload(1, a0))).code
                 seen["valid_round1"] = (await live.call(m, _upload(1, m1))).code
-                # Hear "done" like a client so the aggregator need not wait for us.
-                while True:
-                    out = await live.call(m, messages.encode("task", after=1))
-                    if out.ok and messages.decode(out.body)["t"] == "done":
-                        return seen
-                    await asyncio.sleep(0.2)
+                await live.hear_done(m, after=1)
+                return seen
 
         seen = live.run(asyncio.wait_for(attack(), 180))
         assert fed.wait("aggregator", timeout=120) == 0, fed.logs()
