@@ -171,11 +171,23 @@ class Accumulator:
             return quant.chunk_slots(self.numel, self.preset.slots)
         return self._lengths
 
-    def add(self, update: ProtectedUpdate | bytes, *, peer: str | None = None) -> None:
-        """Verify and add one update; on any error the running sum is unchanged."""
+    def add(
+        self,
+        update: ProtectedUpdate | bytes,
+        *,
+        peer: str | None = None,
+        also: Callable[[ProtectedUpdate], None] | None = None,
+    ) -> None:
+        """Verify and add one update; on any error the running sum is unchanged.
+
+        ``also`` runs a caller's own check (e.g. the round plan) after this one's
+        identity and signature checks and before any ciphertext is touched.
+        """
         if isinstance(update, bytes | bytearray | memoryview):
             update = ProtectedUpdate.decode(bytes(update))
         self.check(update, peer=peer)
+        if also is not None:
+            also(update)
         quant = update.statement.quant
         lengths = self._check_quant(update)
         scale_bits = None if quant is None else quant.scale_bits

@@ -75,14 +75,6 @@ class KeyHolderPolicy:
         if self.max_staleness < 0:
             raise ValueError("max_staleness must be ≥ 0")
 
-    @classmethod
-    def with_noise(
-        cls, run: str, min_clients: int, noise_multiplier: float, **kw: Any
-    ) -> KeyHolderPolicy:
-        """Policy demanding σ ≥ ``noise_multiplier`` at clip 1 (tests and benchmarks)."""
-        dp = DPSpec(clip_norm=1.0, noise_multiplier=noise_multiplier, min_clients=min_clients)
-        return cls(run=run, min_clients=min_clients, dp=dp, **kw)
-
 
 @dataclass(frozen=True)
 class Release:

@@ -216,9 +216,7 @@ class Coordinator:
         update = ProtectedUpdate.decode(blob)
         # Identity, run, round, shape, weight and signature first (the most specific
         # refusal), then whether the signed plan, model and DP are this round's.
-        self.acc.check(update, peer=peer)
-        self._check_plan(update)
-        self.acc.add(update, peer=peer)
+        self.acc.add(update, peer=peer, also=self._check_plan)
         self.record.bytes_up += len(blob)
         log.info(
             "round %d: update from %s accepted (%d/%d)",
@@ -295,8 +293,6 @@ class Coordinator:
                 ok=False,
             )
         return None
-
-    tick = handle_timer  # the name the adapter and older tests use
 
     def decrypted(
         self, round: int, average: np.ndarray, info: Mapping[str, Any], now: float

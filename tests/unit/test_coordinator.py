@@ -82,7 +82,7 @@ def keyholder(tmp: Path, min_clients: int = 2) -> KeyHolder:
 
 
 def finish_round(core: Coordinator, kh: KeyHolder, now: float) -> Any:
-    req = core.tick(now)
+    req = core.handle_timer(now)
     assert req is not None
     out = kh.decrypt(req.aggregate)
     core.decrypted(req.round, out.vector, {"participants": out.release.participants}, now)
@@ -108,7 +108,7 @@ def test_round_waits_for_everyone_until_the_deadline(tmp_path: Path) -> None:
     core, kh = make(timeout=10.0), keyholder(tmp_path)
     upload(core, "a", 1.0)
     upload(core, "b", 3.0)
-    assert core.tick(5.0) is None  # c may still come
+    assert core.handle_timer(5.0) is None  # c may still come
     out = finish_round(core, kh, 10.0)  # deadline with 2 ≥ min_clients
     assert out.release.participants == ("a", "b")
     assert np.allclose(core.params, 2.0, atol=1e-3)
@@ -117,9 +117,9 @@ def test_round_waits_for_everyone_until_the_deadline(tmp_path: Path) -> None:
 def test_too_few_clients_fails_the_run_after_give_up() -> None:
     core = make(min_clients=3, timeout=10.0)
     upload(core, "a", 1.0)
-    assert core.tick(15.0) is None and core.phase == "collecting"
-    assert core.tick(299.0) is None and core.phase == "collecting"
-    assert core.tick(301.0) is None
+    assert core.handle_timer(15.0) is None and core.phase == "collecting"
+    assert core.handle_timer(299.0) is None and core.phase == "collecting"
+    assert core.handle_timer(301.0) is None
     assert core.phase == "finished" and not core.ok and "min_clients" in core.outcome
 
 
@@ -154,7 +154,7 @@ def test_uploads_while_decrypting_are_refused() -> None:
     core = make()
     for n in "abc":
         upload(core, n, 1.0)
-    assert core.tick(1.0) is not None and core.phase == "decrypting"
+    assert core.handle_timer(1.0) is not None and core.phase == "decrypting"
     with pytest.raises(RoundClosed):
         core.upload("a", 0, b"x")
 
@@ -171,7 +171,7 @@ def test_key_holder_refusal_ends_the_run_cleanly() -> None:
     core = make()
     for n in "abc":
         upload(core, n, 1.0)
-    req = core.tick(1.0)
+    req = core.handle_timer(1.0)
     assert req is not None
     core.decrypt_failed(req.round, "bad_signature: a", 2.0)
     assert core.phase == "finished" and not core.ok and "bad_signature" in core.outcome
@@ -182,7 +182,7 @@ def test_budget_refusal_is_a_clean_early_end() -> None:
     core = make()
     for n in "abc":
         upload(core, n, 1.0)
-    req = core.tick(1.0)
+    req = core.handle_timer(1.0)
     assert req is not None
     core.decrypt_failed(req.round, "decryption_refused: budget_exceeded: ε", 2.0)
     assert core.ok and core.budget_exhausted and "privacy budget reached" in core.outcome
