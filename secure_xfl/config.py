@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from secure_xfl.crypto.dpspec import DEFAULT_DELTA, DPSpec
+from secure_xfl.crypto.recordspec import RecordDPFloor
 from secure_xfl.errors import ConfigError
 from secure_xfl.transport.config import TransportConfig
 
@@ -38,17 +39,53 @@ class FederationSettings:
 
 
 @dataclass(frozen=True)
+class RecordPrivacySettings:
+    """Record-level DP inside each silo (``[privacy.record]``): DP-SGD through Opacus with
+    Poisson sampling, per-record clipping and Gaussian noise. The privacy unit is one
+    training block (a sequence of the model's ``block_size`` tokens) of the silo's corpus;
+    user-level units are not built. A client applies the stricter of its own kit and the
+    plan on every axis, and the key holder refuses entries weaker than its own kit."""
+
+    enabled: bool = True
+    """Train with DP-SGD in every silo (the cross-silo default)."""
+    max_grad_norm: float = 1.0
+    """Largest per-record clip C_r (a plan may propose a smaller one)."""
+    noise_multiplier: float = 0.0
+    """Smallest σ_r; 0 (default) = derive σ_r from ``target_epsilon``."""
+    target_epsilon: float = 2.0
+    """ε (PLD, at ``privacy.delta``) a silo's records reach by the end of the run: each
+    round the client picks the smallest σ_r that keeps its spent ε plus the remaining
+    rounds (``federation.rounds``) of this round's steps and sampling rate within it."""
+    epsilon_budget: float = -1.0
+    """A silo's hard record-level ε limit (PLD, at ``privacy.delta``, all runs of this
+    kit's state together): a client declines a round that would pass it and the key
+    holder refuses to release one. Negative (default) = ``target_epsilon``; 0 = none."""
+
+    @property
+    def budget(self) -> float:
+        """The effective record-level ε budget (0: none)."""
+        return self.target_epsilon if self.epsilon_budget < 0 else self.epsilon_budget
+
+
+@dataclass(frozen=True)
 class PrivacySettings:
-    """Client-level differential privacy and the run's budget."""
+    """Differential privacy: record-level in each silo, client-level over the sum, budgets."""
 
     clip_norm: float = 1.0
     """L2 bound C on each client's whole update."""
     noise_multiplier: float = 0.0
-    """σ: each client adds N(0, σ²C²/min_clients); 0 turns DP off (and ε is infinite)."""
+    """Client-level σ: each client adds N(0, σ²C²/min_clients); 0 = no client-level noise
+    (record-level DP, ``[privacy.record]``, is then what protects each silo)."""
     delta: float = DEFAULT_DELTA
-    """δ of the (ε, δ) guarantee."""
+    """δ of every (ε, δ) guarantee, record- and client-level."""
     epsilon_budget: float = 0.0
-    """Key holder refuses rounds that would spend more ε than this; 0 = no budget."""
+    """Client-level: the key holder refuses rounds that would spend more federation or
+    per-client ε than this; 0 = no client-level budget."""
+    record: RecordPrivacySettings = field(default_factory=RecordPrivacySettings)
+    """Record-level DP-SGD in each silo."""
+    allow_no_dp: bool = False
+    """Run with neither client-level noise nor record-level DP. Refused unless set; every
+    service then logs a warning each round and the audit reports ``NO_PRIVACY``."""
     max_refused_decryptions: int = 2
     """Aggregates of one round the key holder may decrypt and refuse (out of bounds or
     malformed) before the round stops being retried. Each is charged to the budget, so
@@ -136,6 +173,21 @@ class KitConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     """QUIC settings."""
 
+    def record_floor(self) -> RecordDPFloor | None:
+        """The record-level DP-SGD this kit demands or proposes (``None``: off)."""
+        r = self.privacy.record
+        if not r.enabled:
+            return None
+        return RecordDPFloor(
+            max_grad_norm=r.max_grad_norm, noise_multiplier=r.noise_multiplier,
+            delta=self.privacy.delta,
+        )  # fmt: skip
+
+    @property
+    def has_dp(self) -> bool:
+        """Whether this kit asks for any differential privacy at all."""
+        return self.privacy.noise_multiplier > 0 or self.privacy.record.enabled
+
     def dp_spec(self) -> DPSpec:
         """The client-level DP this kit demands (or, for the aggregator, proposes)."""
         p = self.privacy
@@ -158,6 +210,11 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
         if key not in fields:
             raise ConfigError(f"{where}: unknown key {key!r} (known: {sorted(fields)})")
         hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key} must be a table")
+            kwargs[key] = _build(hint, value, f"{where}.{key}")  # type: ignore[arg-type]
+            continue
         allowed = get_args(hint) if get_origin(hint) is Literal else None
         if allowed is not None:
             if value not in allowed:
@@ -201,6 +258,18 @@ def parse_config(data: dict[str, Any], where: str = "config") -> KitConfig:
         raise ConfigError("privacy.noise_multiplier must be ≥ 0 and clip_norm > 0")
     if not 0 < cfg.privacy.delta < 1:
         raise ConfigError("privacy.delta must lie in (0, 1)")
+    rec = cfg.privacy.record
+    if rec.max_grad_norm <= 0 or rec.noise_multiplier < 0 or rec.target_epsilon < 0:
+        raise ConfigError(
+            "privacy.record: max_grad_norm must be > 0, noise_multiplier and target_epsilon ≥ 0"
+        )
+    if rec.enabled and rec.noise_multiplier == 0 and rec.target_epsilon == 0:
+        raise ConfigError("privacy.record: set noise_multiplier or target_epsilon (both are 0)")
+    if not cfg.has_dp and not cfg.privacy.allow_no_dp:
+        raise ConfigError(
+            f"{where}: no differential privacy configured (privacy.noise_multiplier = 0 and "
+            "privacy.record.enabled = false); set privacy.allow_no_dp = true to run without"
+        )
     return cfg
 
 
@@ -219,6 +288,12 @@ def config_to_dict(cfg: KitConfig) -> dict[str, Any]:
     """The TOML-ready form (for writing kits)."""
     out: dict[str, Any] = {}
     for name in SECTIONS:
-        section = dataclasses.asdict(getattr(cfg, name))
-        out[name] = {k: v for k, v in section.items() if v is not None}
+        out[name] = _strip_none(dataclasses.asdict(getattr(cfg, name)))
     return out
+
+
+def _strip_none(section: dict[str, Any]) -> dict[str, Any]:
+    # TOML has no null; nested tables (privacy.record) are written as sub-tables.
+    return {
+        k: _strip_none(v) if isinstance(v, dict) else v for k, v in section.items() if v is not None
+    }

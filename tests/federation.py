@@ -16,8 +16,18 @@ import tomli_w
 CLI = [sys.executable, "-m", "secure_xfl.cli"]
 
 
+#: Most multi-process tests run RandomTrainer clients, which cannot run DP-SGD: their
+#: kits turn record-level DP off and, unless a test sets client-level σ, say so.
+NO_RECORD_DP: dict[str, object] = {"allow_no_dp": True, "record": {"enabled": False}}
+
+
 def provision(tmp: Path, clients: Sequence[str], **sections: dict[str, object]) -> Path:
-    """`secure-xfl provision` with a config overriding the given sections."""
+    """`secure-xfl provision` with a config overriding the given sections (privacy
+    defaults to :data:`NO_RECORD_DP` underneath whatever the test sets)."""
+    privacy = dict(sections.get("privacy", {}))
+    if "record" in privacy:
+        privacy["record"] = {**NO_RECORD_DP["record"], **privacy["record"]}  # type: ignore[dict-item]
+    sections = {**sections, "privacy": {**NO_RECORD_DP, **privacy}}
     cfg = tmp / "base.toml"
     cfg.write_text(tomli_w.dumps(sections))
     out = tmp / "fed"

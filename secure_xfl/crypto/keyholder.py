@@ -30,6 +30,7 @@ from secure_xfl.crypto.envelope import EncryptedAggregate, SignedStatement
 from secure_xfl.crypto.errors import CodecError, DecryptionRefused, EnvelopeError
 from secure_xfl.crypto.packing import QuantSpec, unpack_vector
 from secure_xfl.crypto.record import DecryptionRecord
+from secure_xfl.crypto.recordspec import RecordDPFloor
 from secure_xfl.crypto.release import l2_norm, release_bound
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class KeyHolderPolicy:
     """Fewest distinct, enrolled, signing clients an aggregate must cover."""
     dp: DPSpec | None = None
     """Weakest client-level DP every entry must have signed (``None``: no DP required)."""
+    record: RecordDPFloor | None = None
+    """Weakest record-level DP-SGD every entry must have signed (``None``: not required)."""
     min_effective_noise: float | None = None
     """Refuse aggregates whose effective noise multiplier falls below this (``None``:
     the policy's own σ, so no release ever carries less noise than the kit asks)."""
@@ -57,8 +60,14 @@ class KeyHolderPolicy:
     """Buffered asynchronous run: entries may have trained on earlier rounds' plans."""
     max_staleness: int = 4
     """Buffered async: how many rounds an entry's base round may trail the aggregate's."""
+    allow_no_dp: bool = True
+    """Release aggregates that carry neither client-level noise nor record-level DP-SGD
+    noise from every entry. Library default: whatever ``dp``/``record`` demand (nothing
+    when both are None); a kit's policy allows it only with ``privacy.allow_no_dp``."""
 
     def __post_init__(self) -> None:
+        if self.max_staleness < 0:
+            raise ValueError("max_staleness must be ≥ 0")
         if self.min_clients < 1:
             raise ValueError("min_clients must be ≥ 1")
         if self.min_effective_noise is not None and self.min_effective_noise < 0:
@@ -72,8 +81,6 @@ class KeyHolderPolicy:
         if self.min_effective_noise is not None:
             return self.min_effective_noise
         return 0.0 if self.dp is None else self.dp.noise_multiplier
-        if self.max_staleness < 0:
-            raise ValueError("max_staleness must be ≥ 0")
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,18 @@ class KeyHolder:
             raise DecryptionRefused(
                 "noise_too_low", f"effective σ {sigma:.3f} < floor {pol.noise_floor:g}{hint}"
             )
+        recorded = all(
+            s.statement.record is not None and s.statement.record.noise_multiplier > 0
+            for s in agg.manifest
+        )
+        if sigma == 0 and not recorded:
+            if not pol.allow_no_dp:
+                raise DecryptionRefused(
+                    "no_privacy", "neither client-level noise nor record-level DP-SGD noise "
+                    "from every entry, and this key holder's kit does not allow_no_dp",
+                )  # fmt: skip
+            log.warning("round %d: releasing an aggregate with NO differential privacy "
+                        "(allow_no_dp)", agg.round)  # fmt: skip
         order = sorted(range(len(names)), key=lambda i: names[i])
         return Release(
             run=agg.run,
@@ -247,6 +266,16 @@ class KeyHolder:
                 if why:
                     raise DecryptionRefused(
                         "dp_weaker_than_policy", f"{st.client!r}: " + "; ".join(why)
+                    )
+            if pol.record is not None:
+                if st.record is None:
+                    raise DecryptionRefused(
+                        "record_dp_weaker_than_policy", f"{st.client!r} signed no record-level DP"
+                    )
+                why = st.record.weaker_than(pol.record)
+                if why:
+                    raise DecryptionRefused(
+                        "record_dp_weaker_than_policy", f"{st.client!r}: " + "; ".join(why)
                     )
             stale = agg.round - st.base_round
             if stale < 0 or (stale > 0 and not pol.buffered) or stale > pol.max_staleness:

@@ -30,6 +30,7 @@ from secure_xfl.crypto.envelope import (
 )
 from secure_xfl.crypto.errors import CodecError
 from secure_xfl.crypto.packing import DEFAULT_MAX_CLIENTS, QuantSpec, pack_chunks
+from secure_xfl.crypto.recordspec import RecordDPSpec
 
 #: Plan and model digests of updates sealed outside a planned round (library use).
 UNPLANNED = bytes(32)
@@ -59,10 +60,12 @@ def seal_vector(
     plan_digest: bytes = UNPLANNED,
     base_round: int | None = None,
     base_model_digest: bytes = UNPLANNED,
+    record: RecordDPSpec | None = None,
 ) -> ProtectedUpdate:
     """Encrypt and sign a flat, already clipped, (pre-)weighted and noised vector.
 
-    ``dp`` is what the caller applied (``None``: no DP) and is signed as such;
+    ``dp`` is what the caller applied (``None``: no DP) and is signed as such, as
+    is ``record``, the record-level DP-SGD that produced the update (``None``: none);
     with ``weighting="client"`` the caller already multiplied by ``weight``,
     which must lie in (0, 1] so the contribution stays within the clip norm.
 
@@ -122,6 +125,7 @@ def seal_vector(
         base_round=round if base_round is None else base_round,
         base_model_digest=base_model_digest,
         dp=dp,
+        record=record,
     )
     signature = pki.sign(signing_key, statement.signing_bytes())
     return ProtectedUpdate(SignedStatement(statement, signature), tuple(chunks))

@@ -45,7 +45,6 @@ import datetime as _dt
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +54,7 @@ from secure_xfl.crypto import pki
 from secure_xfl.crypto.dpspec import DEFAULT_DELTA
 from secure_xfl.errors import PrivacyError
 from secure_xfl.privacy.accountant import PRVUnavailable
+from secure_xfl.privacy.audit_report import AuditReport
 from secure_xfl.privacy.budget import PrivacyBudget
 from secure_xfl.privacy.ledger import (
     LedgerError,
@@ -82,132 +82,11 @@ class AuditError(PrivacyError):
     code = "privacy.audit"
 
 
-def _num(x: float | None) -> float | str | None:
-    """JSON-safe number: infinity is written as the string ``"inf"``."""
-    return x if x is None or math.isfinite(x) else "inf"
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else ("inf" if math.isinf(x) else f"{x:.4f}")
-
-
-@dataclass(frozen=True)
-class AuditReport:
-    """Outcome of :func:`audit`."""
-
-    ok: bool
-    """True exactly when ``exit_code`` is 0."""
-    exit_code: int
-    """0 authentic, intact, within budget; 1 a policy problem; 2 not authentic/intact."""
-    ledger: str
-    """Path of the audited ledger."""
-    run: str | None
-    """The audited run (None when the ledger could not be read or is empty)."""
-    rounds: int
-    """Number of released aggregates of the run."""
-    delta: float | None
-    """δ the ε figures are given at."""
-    budget: float | None
-    """ε budget checked against, if any."""
-    epsilon: dict[str, float | None]
-    """Federation ε: ``{"rdp": …, "prv": …}``; ``prv`` is None when unavailable."""
-    claimed_epsilon: float | None
-    """ε the key holder claimed in the run's last entry (inf for an unbounded claim)."""
-    per_client: dict[str, dict[str, Any]]
-    """``{client: {"rounds": n, "epsilon": {"rdp": …, "prv": …}}}``; ``rounds`` counts
-    the client's charged decryptions, released and refused."""
-    problems: list[str] = field(default_factory=list)
-    """Reasons for a non-zero exit code."""
-    notes: list[str] = field(default_factory=list)
-    """Informational remarks that do not change the exit code."""
-    per_round: list[dict[str, Any]] = field(default_factory=list)
-    """Per entry: ``round``, ``outcome``, ``reason`` (refused only, else None),
-    ``participants``, ``sample_rate``, ``recorded_sigma``, ``signed_sigma`` /
-    ``signed_sensitivity`` (recomputed from the statements; None without them),
-    ``sigma_used`` (what ε was computed from), ``claimed_epsilon`` and ``epsilon``
-    (recomputed federation ε after the entry, RDP, at the entry's δ),
-    ``claimed_client_epsilon`` (None when the entry makes no such claim) and
-    ``client_epsilon`` (recomputed largest participant's ε after the entry)."""
-    signer: str | None = None
-    """SPIFFE id of the ledger's signer, when checked against the CA."""
-    refused: int = 0
-    """Refused decryptions of the run (charged in ε like released ones)."""
-    refusals: list[dict[str, Any]] = field(default_factory=list)
-    """Per round with refusals: ``{"round", "attempts", "reasons"}`` in file order."""
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict; infinite values are the string ``"inf"``."""
-        return {
-            "ok": self.ok, "exit_code": self.exit_code, "ledger": self.ledger, "run": self.run,
-            "rounds": self.rounds, "refused": self.refused, "delta": self.delta,
-            "budget": self.budget, "signer": self.signer,
-            "epsilon": {k: _num(v) for k, v in self.epsilon.items()},
-            "claimed_epsilon": _num(self.claimed_epsilon),
-            "per_client": {
-                cid: {
-                    "rounds": info["rounds"],
-                    "epsilon": {k: _num(v) for k, v in info["epsilon"].items()},
-                }
-                for cid, info in self.per_client.items()
-            },
-            "per_round": [
-                {k: _num(v) if isinstance(v, float) else v for k, v in row.items()}
-                for row in self.per_round
-            ],
-            "refusals": [dict(r, reasons=list(r["reasons"])) for r in self.refusals],
-            "problems": list(self.problems), "notes": list(self.notes),
-        }  # fmt: skip
-
-    def table(self) -> str:
-        """Human-readable summary."""
-        status = {0: "OK", 1: "FAIL (budget/claims)", 2: "INVALID LEDGER"}[self.exit_code]
-        lines = [
-            f"privacy audit of {self.ledger}",
-            f"run: {self.run or '-'}   released: {self.rounds}   refused: {self.refused}   "
-            f"delta: {self.delta}   budget: {'-' if self.budget is None else self.budget}",
-            f"signer: {self.signer or 'not verified against a federation CA'}",
-            f"status: {status} (exit {self.exit_code})",
-            "",
-        ]
-        if self.exit_code != 2:
-            width = max([10, *(len(c) for c in self.per_client)])
-            lines.append(f"{'scope':<{width}}  {'charged':>7}  {'eps RDP':>10}  {'eps PRV':>10}")
-            lines.append("-" * (width + 33))
-            rows = [("federation", self.rounds + self.refused, self.epsilon)]
-            rows += [(c, i["rounds"], i["epsilon"]) for c, i in sorted(self.per_client.items())]
-            for name, n, eps in rows:
-                lines.append(
-                    f"{name:<{width}}  {n:>7}  {_fmt(eps['rdp']):>10}  {_fmt(eps['prv']):>10}"
-                )
-            lines += ["", f"claimed eps (last entry, RDP): {_fmt(self.claimed_epsilon)}"]
-        if self.per_round:
-            lines += ["", "round  outcome   clients  rate    sigma rec.  sigma signed  "
-                      "eps claimed  eps         client eps claimed  client eps"]  # fmt: skip
-            for r in self.per_round:
-                lines.append(
-                    f"{r['round']:>5}  {r['outcome']:<8}  {r['participants']:>7}  "
-                    f"{r['sample_rate']:<6.4g}  {_fmt(r['recorded_sigma']):>10}  "
-                    f"{_fmt(r['signed_sigma']):>12}  {_fmt(r['claimed_epsilon']):>11}  "
-                    f"{_fmt(r['epsilon']):<10}  {_fmt(r['claimed_client_epsilon']):>18}  "
-                    f"{_fmt(r['client_epsilon'])}"
-                )
-        if self.refusals:
-            lines += ["", f"refused decryptions (charged): {self.refused}"]
-            lines += [
-                f"  round {r['round']}: {r['attempts']} refused ({', '.join(r['reasons'])})"
-                for r in self.refusals
-            ]
-        lines.append("problems: " + ("none" if not self.problems else ""))
-        lines += [f"  - {p}" for p in self.problems]
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-
 def _invalid(path: str, reason: str, budget: float | None) -> AuditReport:
     return AuditReport(
         ok=False, exit_code=2, ledger=path, run=None, rounds=0, delta=None, budget=budget,
         epsilon={"rdp": None, "prv": None}, claimed_epsilon=None, per_client={},
-        problems=[reason],
+        problems=[reason], status="INVALID",
     )  # fmt: skip
 
 
@@ -290,6 +169,8 @@ def audit(
     expected_entries: int | None = None,
     expected_head: str | None = None,
     prv: bool = True,
+    record_budget: float | None = None,
+    allow_no_dp: bool = False,
 ) -> AuditReport:
     """Verify a ledger and recompute the privacy spent by one run.
 
@@ -304,8 +185,15 @@ def audit(
     ``delta`` defaults to the run's recorded δ (its last entry's). ``run`` may be
     omitted when the ledger holds at most one run; otherwise :class:`AuditError`
     is raised. ``prv=False`` skips the (slower) PRV figures.
+
+    ``budget`` binds the client-level figures where every decryption carried
+    client-level noise, and each silo's record-level ε (PLD) unless
+    ``record_budget`` names another limit for those. A run with a round
+    decrypted without any noise is ``NO_PRIVACY`` (exit 1) unless
+    ``allow_no_dp``; a run with no entries is ``EMPTY`` (exit 1).
     """
     _check_args(delta, budget)
+    _check_args(None, record_budget)
     path = os.fspath(ledger_path)
     if ca is None and not trust_key_only:
         return _invalid(path, f"not authenticated: {NO_CA}", budget)
@@ -373,7 +261,14 @@ def audit(
                 cache[key] = _both(acct, cid, prv)
             per_client[cid] = {"rounds": acct.client_rounds(cid), "epsilon": dict(cache[key])}
 
-    if budget is not None:
+    client_level = bool(mine) and not walk.record_only and not walk.no_privacy
+    if walk.record_only:
+        notes.append(
+            f"{len(walk.record_only)} of {len(mine)} decryptions carried no client-level "
+            "noise (client-level ε unbounded, not held to the budget); record-level DP-SGD "
+            "protects each silo's records"
+        )
+    if budget is not None and client_level:
         fed_rdp = fed["rdp"]
         if fed_rdp is not None and fed_rdp > budget:
             problems.append(f"federation ε {fed_rdp:.6g} exceeds budget {budget}")
@@ -382,8 +277,27 @@ def audit(
                 problems.append(
                     f"client {cid}: ε {info['epsilon']['rdp']:.6g} exceeds budget {budget}"
                 )
+    silo_budget = budget if record_budget is None else record_budget
+    per_silo = _per_silo(walk, silo_budget, problems)
 
+    status = "OK"
+    if walk.no_privacy:
+        rounds = ", ".join(str(r) for r in walk.no_privacy)
+        msg = (f"round(s) {rounds} decrypted with NO differential privacy (no client-level "
+               "noise and no record-level noise from every participant)")  # fmt: skip
+        if allow_no_dp:
+            notes.append(msg + "; allowed by --allow-no-dp")
+        else:
+            problems.append(msg + "; pass --allow-no-dp if that was intended")
+            status = "NO_PRIVACY"
+    if not mine:
+        problems.append("nothing to audit: the ledger holds no decryption of this run")
+        status = "EMPTY"
     code = 2 if walk.forged else 1 if problems else 0
+    if code == 2:
+        status = "INVALID"
+    elif code == 1 and status == "OK":
+        status = "FAIL"
     claimed_last: float | None = None
     if mine:
         claimed_last = math.inf if mine[-1]["epsilon"] is None else mine[-1]["epsilon"]
@@ -399,4 +313,23 @@ def audit(
         notes=notes, per_round=walk.per_round,
         signer=None if signer is None else signer.spiffe_id,
         refused=sum(len(v) for v in walk.refusals.values()), refusals=refusals,
+        status=status, per_silo=per_silo, record_budget=silo_budget,
+        record_rounds=walk.record_rows, client_level=client_level,
     )  # fmt: skip
+
+
+def _per_silo(walk: Replay, budget: float | None, problems: list[str]) -> dict[str, dict[str, Any]]:
+    """Each silo's record-level ε (PLD, RDP cross-check), held to ``budget`` (PLD)."""
+    out: dict[str, dict[str, Any]] = {}
+    records = walk.records
+    if records is None:
+        return out
+    for silo in records.clients():
+        pld, rdp = records.epsilon(silo, "pld"), records.epsilon(silo, "rdp")
+        out[silo] = {"rounds": records.rounds(silo), "epsilon": {"pld": pld, "rdp": rdp}}
+        if budget is not None and budget > 0 and pld > budget:
+            problems.append(f"silo {silo}: record-level ε {pld:.6g} (PLD) exceeds budget {budget}")
+        if rdp < pld * (1 - 1e-6):
+            # Usually RDP is the looser bound; say so when the discretised PLD is not tighter.
+            walk.notes.append(f"silo {silo}: RDP ε {rdp:.6g} is below PLD ε {pld:.6g}")
+    return out

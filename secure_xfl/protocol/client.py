@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from secure_xfl.crypto.dpspec import DPSpec
+from secure_xfl.crypto.recordspec import RecordDPFloor, RecordDPSpec
 from secure_xfl.protocol import messages
 from secure_xfl.protocol.plan import ClientPolicy, PlanRefused, RoundPlan, model_digest
 from secure_xfl.protocol.rules import make_rule
@@ -64,6 +65,9 @@ class Train:
     """The DP to apply: the plan's, already checked against the client's own kit."""
     model: dict[str, Any]
     hints: Mapping[str, Any]
+    record: RecordDPFloor | None = None
+    """Record-level DP-SGD floor: the stricter of plan and kit (``None``: off). The
+    adapter's silo account turns it into the σ_r to run, or declines the round."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,8 @@ class Trained:
     num_samples: int
     loss: float | None
     throughput: float | None
+    record: RecordDPSpec | None = None
+    """The record-level DP-SGD the update was trained under (signed with it)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,8 @@ class SealAndUpload:
     plan: RoundPlan
     throughput: float | None
     loss: float | None
+    record: RecordDPSpec | None = None
+    """Record-level DP-SGD to sign (what training ran)."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +189,20 @@ class ClientRound:
             return self._finish_round()
         raise messages.ProtocolError(f"upload refused: {code}: {message}")
 
+    def refuse_training(self, reason: str, detail: str) -> list[Action]:
+        """The pending round cannot be trained within this client's own policy (its
+        record-level budget): decline it instead."""
+        if self.state != "training" or self._pending is None:
+            raise messages.ProtocolError("refuse_training() without a Train action")
+        plan = self._pending[0]
+        self.refusals.append(f"round {plan.round}: {reason}: {detail}")
+        log.error("declining round %d of run %s: %s (not training, not uploading)",
+                  plan.round, plan.run, detail)  # fmt: skip
+        self.state = "declining"
+        self.last, self.last_attempt = plan.round, plan.attempt
+        self._pending = None
+        return [Decline(plan.round, reason, detail)]
+
     def trained(self, result: Trained) -> list[Action]:
         """Local training of the pending plan finished."""
         if self.state != "training" or self._pending is None:
@@ -235,9 +257,13 @@ class ClientRound:
             return [Decline(plan.round, exc.reason, exc.detail)]
         if model_digest(model) != plan.model_digest:
             raise messages.ProtocolError("the model sent does not match the plan's digest")
+        record = self.policy.record_for(plan)
+        if (dp is None or dp.noise_multiplier == 0) and record is None:
+            log.warning("round %d: training with NO differential privacy (allow_no_dp)",
+                        plan.round)  # fmt: skip
         self.state = "training"
         self._pending = (plan, dp, Trained(0, None, None))
-        return [Train(plan=plan, dp=dp, model=model, hints=hints)]
+        return [Train(plan=plan, dp=dp, model=model, hints=hints, record=record)]
 
     def _seal(self, round: int) -> SealAndUpload:
         assert self._pending is not None
@@ -255,6 +281,7 @@ class ClientRound:
             plan=plan,
             throughput=result.throughput,
             loss=result.loss,
+            record=result.record,
         )
 
     def _finish_round(self) -> list[Action]:

@@ -22,6 +22,7 @@ import numpy as np
 from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.errors import CodecError, EnvelopeError
 from secure_xfl.crypto.packing import QuantSpec
+from secure_xfl.crypto.recordspec import RecordDPFloor
 from secure_xfl.protocol.messages import ProtocolError
 
 __all__ = [
@@ -33,7 +34,8 @@ __all__ = [
     "model_digest",
 ]
 
-PLAN_DOMAIN = "secure-xfl/round-plan/v1"
+PLAN_DOMAIN = "secure-xfl/round-plan/v2"
+_PLAN_FIELDS = 17
 _MODEL_DOMAIN = b"secure-xfl/model/v1\0"
 _WEIGHTINGS = ("aggregator", "client")
 
@@ -154,6 +156,9 @@ class RoundPlan:
     attempt: int = 0
     """Re-opened round: the key holder refused attempt ``attempt − 1`` after decryption
     (an aggregate out of bounds); every client retrains with fresh noise."""
+    record: RecordDPFloor | None = None
+    """Record-level DP-SGD the aggregator proposes (``None``: none proposed). Each client
+    runs the stricter of this and its own kit; σ_r may be derived per silo."""
 
     def to_wire(self) -> list[Any]:
         """Positional form; also what :attr:`digest` covers."""
@@ -174,6 +179,7 @@ class RoundPlan:
             self.max_staleness,
             self.loss_ref,
             self.attempt,
+            None if self.record is None else self.record.to_wire(),
         ]
 
     @property
@@ -185,14 +191,15 @@ class RoundPlan:
     @classmethod
     def from_wire(cls, obj: object) -> RoundPlan:
         """Strict parse (typed :class:`ProtocolError` on any defect)."""
-        if not isinstance(obj, list) or len(obj) != 16:
-            raise ProtocolError("plan must be a list of 16 fields")
+        if not isinstance(obj, list) or len(obj) != _PLAN_FIELDS:
+            raise ProtocolError(f"plan must be a list of {_PLAN_FIELDS} fields")
         weighting = obj[9]
         if weighting not in _WEIGHTINGS:
             raise ProtocolError(f"plan.weighting must be one of {_WEIGHTINGS}")
         try:
             dp = None if obj[7] is None else DPSpec.from_wire(obj[7])
             quant = None if obj[11] is None else QuantSpec.from_wire(obj[11])
+            record = None if obj[16] is None else RecordDPFloor.from_wire(obj[16])
         except (EnvelopeError, CodecError) as exc:
             raise ProtocolError(f"plan: {exc}") from None
         return cls(
@@ -212,6 +219,7 @@ class RoundPlan:
             max_staleness=_int(obj[13], "max_staleness", 0, 1000),
             loss_ref=None if obj[14] is None else _num(obj[14], "loss_ref", 0.0),
             attempt=_int(obj[15], "attempt", 0, 1000),
+            record=record,
         )
 
 
@@ -225,6 +233,16 @@ class ClientPolicy:
     """Weakest DP the client applies (``None``: its kit asks for none)."""
     min_clients: int
     """Smallest cohort the client lets its update be released in."""
+    record: RecordDPFloor | None = None
+    """Weakest record-level DP-SGD the client runs (``None``: its kit asks for none)."""
+
+    def record_for(self, plan: RoundPlan) -> RecordDPFloor | None:
+        """Record-level DP-SGD to run under ``plan``: the stricter of plan and kit on
+        every axis. Record-level noise needs no agreement between silos, so a weaker
+        plan is tightened to the kit rather than refused; it can never weaken it."""
+        if self.record is None:
+            return plan.record
+        return self.record.tighten(plan.record)
 
     def check(self, plan: RoundPlan) -> DPSpec | None:
         """The DP spec to apply for ``plan``, or :class:`PlanRefused` if it is weaker.

@@ -13,6 +13,7 @@ from secure_xfl.crypto.codec import layout_of
 from secure_xfl.crypto.context import CKKSPreset
 from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.packing import QuantSpec
+from secure_xfl.crypto.recordspec import RecordDPFloor
 from secure_xfl.errors import TrainingError
 from secure_xfl.protocol.plan import LocalTraining, RoundPlan, model_digest
 
@@ -33,6 +34,8 @@ class CoordinatorSettings:
     """A round closes this long after it is first handed out if ≥ min_clients uploaded."""
     dp: DPSpec | None = None
     """Client-level DP to propose (clients and key holder check it against their kits)."""
+    record: RecordDPFloor | None = None
+    """Record-level DP-SGD to propose (each client runs the stricter of it and its kit)."""
     local: LocalTraining = field(default_factory=LocalTraining)
     """Local-training settings to propose."""
     weighting: Literal["aggregator", "client"] = "aggregator"
@@ -92,4 +95,5 @@ def propose_plan(
         max_staleness=s.max_staleness,
         loss_ref=loss_ref,
         attempt=attempt,
+        record=s.record,
     )

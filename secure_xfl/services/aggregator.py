@@ -44,6 +44,7 @@ def coordinator_settings(kit: Kit) -> CoordinatorSettings:
         min_clients=cfg.federation.min_clients,
         timeout_s=cfg.round.timeout_s,
         dp=cfg.dp_spec(),
+        record=cfg.record_floor(),
         local=LocalTraining(
             local_steps=cfg.round.local_steps,
             local_lr=cfg.round.local_lr,

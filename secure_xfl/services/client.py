@@ -21,8 +21,11 @@ import torch
 
 from secure_xfl.crypto.codec import flatten, layout_of
 from secure_xfl.crypto.context import check_context_matches, get_preset
+from secure_xfl.crypto.recordspec import RecordDPSpec
+from secure_xfl.errors import TrainingError
 from secure_xfl.kit import Kit
 from secure_xfl.privacy.protect import protect_vector
+from secure_xfl.privacy.silo import STATE_FILE, RecordBudgetExhausted, SiloAccount
 from secure_xfl.protocol import messages
 from secure_xfl.protocol.client import (
     Action,
@@ -54,7 +57,21 @@ def client_policy(kit: Kit) -> ClientPolicy:
         run=cfg.federation.run,
         dp=cfg.dp_spec(),
         min_clients=cfg.federation.min_clients,
+        record=cfg.record_floor(),
     )
+
+
+def silo_account(kit: Kit) -> SiloAccount:
+    """This silo's record-level account, from its kit's state directory."""
+    cfg = kit.config
+    return SiloAccount.load(
+        kit.path / "state" / STATE_FILE,
+        delta=cfg.privacy.delta,
+        target=cfg.privacy.record.target_epsilon if cfg.privacy.record.noise_multiplier == 0
+        else 0.0,
+        budget=cfg.privacy.record.budget,
+        rounds=cfg.federation.rounds,
+    )  # fmt: skip
 
 
 class ClientService:
@@ -71,6 +88,7 @@ class ClientService:
             tls=kit.tls, role="aggregator", address=aggregator, config=kit.config.transport
         )
         self.machine = ClientRound(self.name, client_policy(kit))
+        self.silo = silo_account(kit) if kit.config.privacy.record.enabled else None
         self.outcome: Done | None = None
         self._vectors: dict[int, tuple[np.ndarray, Any]] = {}  # base round -> (vec, layout)
 
@@ -79,8 +97,34 @@ class ClientService:
         """Rounds whose upload was accepted."""
         return self.machine.rounds_done
 
-    def _train(self, act: Train) -> Trained:
-        settings = {
+    def _record_spec(self, act: Train) -> RecordDPSpec:
+        """σ_r, q and steps for this round from the silo's own account, charged durably
+        before training (raises :class:`RecordBudgetExhausted` to decline)."""
+        assert act.record is not None
+        records = getattr(self.trainer, "records", None)
+        if records is None or self.silo is None:
+            raise TrainingError(
+                "this kit demands record-level DP (privacy.record.enabled) but the trainer "
+                f"{type(self.trainer).__name__} cannot run DP-SGD; use --trainer lm"
+            )
+        n = int(records(act.hints))
+        batch, steps = act.plan.local.batch_size, act.plan.local.local_steps
+        if n < 1:
+            raise TrainingError("no training records")
+        spec = self.silo.plan(
+            act.record, run=act.plan.run, round=act.plan.round,
+            sample_rate=min(1.0, batch / n), steps=steps,
+        )  # fmt: skip
+        self.silo.commit(spec, run=act.plan.run, round=act.plan.round, attempt=act.plan.attempt)
+        log.info(
+            "round %d: DP-SGD σ_r=%.4g C_r=%g q=%.4g steps=%d; %s",
+            act.plan.round, spec.noise_multiplier, spec.max_grad_norm, spec.sample_rate,
+            spec.steps, self.silo.summary(),
+        )  # fmt: skip
+        return spec
+
+    def _train(self, act: Train, record: RecordDPSpec | None) -> Trained:
+        settings: dict[str, Any] = {
             "rule": act.plan.rule,
             "local_steps": act.plan.local.local_steps,
             "local_lr": act.plan.local.local_lr,
@@ -88,6 +132,13 @@ class ClientService:
             "fedprox_mu": act.plan.local.fedprox_mu,
             **act.hints,
         }
+        if record is not None:
+            settings["dp_sgd"] = {
+                "noise_multiplier": record.noise_multiplier,
+                "max_grad_norm": record.max_grad_norm,
+                "delta": record.delta,
+                "sample_rate": record.sample_rate,
+            }
         torch_model = {k: torch.from_numpy(v.copy()) for k, v in act.model.items()}
         layout = layout_of(torch_model)
         if layout.digest != act.plan.layout_digest:
@@ -102,7 +153,9 @@ class ClientService:
             result.num_samples,
             result.loss,
         )
-        return Trained(result.num_samples, result.loss, None if rate is None else float(rate))
+        return Trained(
+            result.num_samples, result.loss, None if rate is None else float(rate), record
+        )
 
     def _seal(self, act: SealAndUpload) -> bytes:
         """Clip, noise (fresh for every seal: only one copy is ever accepted), encrypt, sign."""
@@ -126,6 +179,7 @@ class ClientService:
             plan_digest=plan.digest,
             base_round=plan.round,
             base_model_digest=plan.model_digest,
+            record=act.record,
         )
         blob = protected.encode()
         log.info(
@@ -142,7 +196,13 @@ class ClientService:
             reply = await self.peer.call(act.method, expect=_EXPECT[act.method], **act.fields)
             return m.on_reply(reply["t"], reply, now())
         if isinstance(act, Train):
-            return m.trained(await asyncio.to_thread(self._train, act))
+            record = None
+            if act.record is not None:
+                try:
+                    record = await asyncio.to_thread(self._record_spec, act)
+                except RecordBudgetExhausted as exc:
+                    return m.refuse_training(exc.reason, str(exc))
+            return m.trained(await asyncio.to_thread(self._train, act, record))
         if isinstance(act, SealAndUpload):
             blob = await asyncio.to_thread(self._seal, act)
             try:

@@ -21,8 +21,10 @@ from secure_xfl.crypto.envelope import SignedStatement
 from secure_xfl.crypto.errors import DecryptionRefused
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy, Release
 from secure_xfl.crypto.pki import PeerIdentity
+from secure_xfl.crypto.recordspec import RecordDPSpec
 from secure_xfl.kit import Kit
-from secure_xfl.privacy.ledger import PrivacyLedger
+from secure_xfl.privacy.ledger import PrivacyLedger, read_ledger
+from secure_xfl.privacy.record import RecordAccount
 from secure_xfl.protocol import messages
 from secure_xfl.protocol.rules import make_rule
 from secure_xfl.services.runtime import install_stop_signals, parse_address, watch_crl
@@ -42,6 +44,8 @@ def keyholder_policy(kit: Kit) -> KeyHolderPolicy:
         run=cfg.federation.run,
         min_clients=cfg.federation.min_clients,
         dp=cfg.dp_spec(),
+        record=cfg.record_floor(),
+        allow_no_dp=p.allow_no_dp,
         buffered=make_rule(cfg.round.rule).buffered,
         max_staleness=cfg.round.max_staleness,
         max_weight=1.0 if cfg.round.rule == "dynamic" else cfg.round.effective_weight_cap,
@@ -62,6 +66,11 @@ class KeyHolderService:
         self.state_dir = state_dir or kit.path / "state"
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ledger = PrivacyLedger(self.state_dir / LEDGER_FILE, kit.tls.private_key)
+        # Per-silo record-level histories come from the clients' signed statements, which
+        # the writer does not keep in memory: read them once, then step on every entry.
+        self.records = RecordAccount.from_entries(
+            read_ledger(self.ledger.path, kit.tls.private_key.public_key()), cfg.privacy.delta
+        )
         self.rule = cfg.round.rule
         self.holder = KeyHolder(
             ctx=ctx,
@@ -94,7 +103,20 @@ class KeyHolderService:
         )
         return fed, worst
 
+    @staticmethod
+    def _record_specs(release: Release) -> dict[str, RecordDPSpec]:
+        return {
+            s.statement.client: s.statement.record
+            for s in release.statements
+            if s.statement.record is not None
+        }
+
     def _check_budget(self, release: Release) -> None:
+        record = self.kit.config.privacy.record
+        if record.enabled:
+            why_r = self.records.over_budget(record.budget, self._record_specs(release))
+            if why_r is not None:
+                raise DecryptionRefused("record_budget_exceeded", f"round {release.round}: {why_r}")
         limit = self.kit.config.privacy.epsilon_budget
         if limit <= 0:
             return
@@ -116,7 +138,9 @@ class KeyHolderService:
         rate = self._sample_rate(release)
         budget = self.ledger.budget(release.run, p.delta)
         eps, worst, _ = budget.projected(release.noise_multiplier, rate, release.participants)
+        specs = self._record_specs(release)
         self.ledger.append(
+            record_epsilon=self.records.projected(specs) if specs else None,
             outcome=outcome,
             reason=reason,
             client_epsilon=worst,
@@ -133,6 +157,8 @@ class KeyHolderService:
             statements=[self._statement_record(s) for s in release.statements],
             weight_scale=release.weight_scale,
         )
+        for client, spec in specs.items():
+            self.records.step(client, spec)
 
     def _statement_record(self, signed: SignedStatement) -> dict[str, str]:
         """A participant's signed statement and certificate, so the audit can check them."""

@@ -156,6 +156,10 @@ class FederatedLMTrainer:
         self._key = key
         return self._inner
 
+    def records(self, settings: Mapping[str, Any]) -> int:
+        """Training records (blocks) of this client's share under ``settings``."""
+        return self._trainer(settings).records()
+
     def train(
         self, model: dict[str, np.ndarray], round: int, settings: Mapping[str, Any]
     ) -> TrainResult:

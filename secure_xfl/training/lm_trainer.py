@@ -200,6 +200,10 @@ class LMTrainer:
             blocks = blocks.subset(np.arange(r, len(blocks), w))
         self.blocks = blocks
 
+    def records(self, settings: Mapping[str, Any] | None = None) -> int:
+        """Training records (blocks) DP-SGD samples from: its rate is batch / records."""
+        return len(self.blocks)
+
     def initial_state(self) -> dict[str, np.ndarray]:
         """The trainable state of the freshly built model (round 0's global model)."""
         return trainable_state(build_model(self.cfg))
@@ -251,7 +255,13 @@ class LMTrainer:
                 fedprox_mu=mu, global_state=global_state, rng=rng, optimizer=self.optimizer,
                 grad_out=grads, progress=self.progress,
             )  # fmt: skip
+            signed_q = (settings.get("dp_sgd") or {}).get("sample_rate")
+            if signed_q is not None and not math.isclose(q, float(signed_q), rel_tol=1e-12):
+                # The client signs (σ_r, q, steps) before training; running another q
+                # would make the signed claim false.
+                raise TrainingError(f"DP-SGD ran at q={q:g}, not the accounted q={signed_q:g}")
             self.dp_history.append((dp.noise_multiplier, q, steps))
+            metrics["dp_sample_rate"] = q
             if dp.noise_multiplier > 0:
                 metrics["dp_sgd_epsilon"] = dp_sgd_epsilon(self.dp_history, dp.delta)
         else:

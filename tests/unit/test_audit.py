@@ -144,11 +144,24 @@ def test_unbounded_round(tmp_path: Path, key: Any, pub_pem: Path) -> None:
             ledger, "run-1", 0, COHORTS[0], noise_multiplier=0.0, epsilon=None,
             client_epsilon=math.inf,
         )  # fmt: skip
-    report = audit(path, pub_pem)
-    assert report.exit_code == 0 and report.epsilon["rdp"] == math.inf
+    # A round decrypted without any noise is its own status, not "OK".
+    bare = audit(path, pub_pem)
+    assert bare.exit_code == 1 and bare.status == "NO_PRIVACY"
+    assert "NO_PRIVACY" in bare.table() and "--allow-no-dp" in " ".join(bare.problems)
+    report = audit(path, pub_pem, allow_no_dp=True)
+    assert report.exit_code == 0 and report.status == "OK"
+    assert report.epsilon["rdp"] == math.inf
     assert report.to_json()["epsilon"]["rdp"] == "inf"
-    assert audit(path, pub_pem, budget=10.0).exit_code == 1
     json.dumps(report.to_json(), allow_nan=False)
+
+
+def test_empty_ledger_is_not_ok(tmp_path: Path, key: Any, pub_pem: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    PrivacyLedger(path, key).close()
+    report = audit(path, pub_pem)
+    assert report.exit_code == 1 and report.status == "EMPTY"
+    assert report.rounds == 0 and report.epsilon["rdp"] == 0.0
+    assert "nothing to audit" in " ".join(report.problems)
 
 
 def test_several_runs(tmp_path: Path, key: Any, pub_pem: Path) -> None:
@@ -162,13 +175,6 @@ def test_several_runs(tmp_path: Path, key: Any, pub_pem: Path) -> None:
     one = audit(path, pub_pem, run="run-1", prv=False)
     assert one.exit_code == 0 and one.rounds == 2
     assert audit(path, pub_pem, run="nope", prv=False).exit_code == 1
-
-
-def test_empty_ledger(tmp_path: Path, key: Any, pub_pem: Path) -> None:
-    path = tmp_path / "l.jsonl"
-    PrivacyLedger(path, key).close()
-    report = audit(path, pub_pem)
-    assert report.exit_code == 0 and report.rounds == 0 and report.epsilon["rdp"] == 0.0
 
 
 # ----------------------------------------------------------------- tampering → 2

@@ -19,6 +19,7 @@ from secure_xfl.crypto import pki
 from secure_xfl.crypto.dpspec import DPSpec, effective_noise
 from secure_xfl.crypto.envelope import MAX_SIGNATURE_BYTES, SignedStatement
 from secure_xfl.crypto.errors import EnvelopeError
+from secure_xfl.crypto.recordspec import RecordDPSpec
 from secure_xfl.errors import CryptoError
 from secure_xfl.privacy.ledger.schema import (
     GENESIS_PREV,
@@ -212,6 +213,8 @@ class StatementCheck:
     """Authentic statements that do not support the entry (wrong round, σ, δ)."""
     forged: list[str] = field(default_factory=list)
     """Statements that are not authentic: unreadable, bad signature, foreign certificate."""
+    records: dict[str, RecordDPSpec | None] = field(default_factory=dict)
+    """The record-level DP-SGD spec each verified participant signed (None: none)."""
 
 
 def _decode(item: dict[str, Any]) -> tuple[SignedStatement, x509.Certificate]:
@@ -279,6 +282,12 @@ def verify_statements(
         if (st.run, st.round) != (entry["run"], r):
             out.problems.append(
                 f"round {r}: {pid} signed run {st.run!r} round {st.round}, not this release"
+            )
+        out.records[pid] = st.record
+        if st.record is not None and st.record.delta != entry["delta"]:
+            out.problems.append(
+                f"round {r}: recorded δ {entry['delta']:g} differs from the record-level δ "
+                f"{st.record.delta:g} that {pid} signed"
             )
         if st.dp is None:
             no_dp = True

@@ -20,6 +20,7 @@ from secure_xfl.privacy.accountant import rdp_to_epsilon
 from secure_xfl.privacy.budget import PrivacyBudget
 from secure_xfl.privacy.ledger.reader import StatementCheck, verify_statements
 from secure_xfl.privacy.ledger.schema import outcome_of
+from secure_xfl.privacy.record import RecordAccount
 
 __all__ = ["Replay"]
 
@@ -46,6 +47,44 @@ class Replay:
     refusals: dict[int, list[str]] = field(default_factory=dict)
     unsigned: list[int] = field(default_factory=list)
     unclaimed: int = 0
+    records: RecordAccount | None = None
+    """Per-silo record-level histories, from verified statements only."""
+    no_privacy: list[int] = field(default_factory=list)
+    """Rounds decrypted with neither client-level noise nor record-level noise from
+    every participant."""
+    record_rows: list[dict[str, Any]] = field(default_factory=list)
+    """Per entry with record-level specs: ``{"round": r, silo: ε (PLD) after it, …}``."""
+    record_only: list[int] = field(default_factory=list)
+    """Rounds protected by record-level DP only (no client-level noise)."""
+
+    def _records(self, e: dict[str, Any], evidence: StatementCheck, r: int) -> bool:
+        """Charge each silo's signed DP-SGD round; check the entry's record claims.
+        True when every participant signed record-level DP with σ_r > 0."""
+        if self.records is None:
+            self.records = RecordAccount(self.acct.delta)
+        specs = {c: s for c, s in evidence.records.items() if s is not None}
+        for client, spec in specs.items():
+            self.records.step(client, spec)
+        claims = e.get("record_epsilon") or {}
+        for client in sorted(set(claims) - set(specs)):
+            self.problems.append(
+                f"round {r}: record ε claimed for {client}, who signed no record-level DP"
+            )
+        row: dict[str, Any] = {"round": r}
+        for client in sorted(specs):
+            eps = self.records.epsilon(client)
+            row[client] = eps
+            if client in claims:
+                claimed = math.inf if claims[client] is None else claims[client]
+                if _understated(claimed, eps):
+                    self.problems.append(
+                        f"round {r}: claimed record ε {claimed:.6g} of {client} understates "
+                        f"the recomputed {eps:.6g} (PLD)"
+                    )
+        if specs:
+            self.record_rows.append(row)
+        people = e["participants"]
+        return bool(people) and all(c in specs and specs[c].noise_multiplier > 0 for c in people)
 
     def entry(self, e: dict[str, Any]) -> None:
         r, outcome = e["round"], outcome_of(e)
@@ -76,8 +115,11 @@ class Replay:
         else:
             self.unsigned.append(r)
             sigma = e["noise_multiplier"]
-        if sigma == 0:
-            self.notes.append(f"round {r} was decrypted without (verified) noise: ε unbounded")
+        record_noise = self._records(e, evidence, r) if not evidence.forged else False
+        if sigma == 0 and not record_noise:
+            self.no_privacy.append(r)
+        elif sigma == 0:
+            self.record_only.append(r)
         self.acct.step(sigma, q, e["participants"])
         # Each claim is checked at its own δ against the prefix it covers.
         fed = rdp_to_epsilon(self.acct.federation_rdp(), e["delta"])

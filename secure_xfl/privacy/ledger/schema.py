@@ -38,7 +38,12 @@ object with these fields:
                      unbounded. A client's ε grows only when it takes part,
                      so the running maximum over a run's entries is the
                      largest ε of any client. Absent in older entries
-``dp_sgd``           optional: record-level DP-SGD parameters of clients
+``dp_sgd``           optional, legacy: record-level DP-SGD parameters (unsigned)
+``record_epsilon``   optional: each participant's record-level ε after this
+                     entry (PLD, at ``delta``) from the DP-SGD specs its signed
+                     statements carry, over every entry it took part in;
+                     ``{participant: ε}`` for the participants that signed one,
+                     ``null`` meaning unbounded
 ``statements``       optional: the evidence behind ``noise_multiplier`` and
                      ``clip_norm`` — one object per participant, in
                      ``participants`` order, with exactly the keys ``client``
@@ -132,7 +137,15 @@ _REQUIRED = frozenset(
     }
 )  # fmt: skip
 _OPTIONAL = frozenset(
-    {"dp_sgd", "statements", "weight_scale", "outcome", "reason", "client_epsilon"}
+    {
+        "dp_sgd",
+        "statements",
+        "weight_scale",
+        "outcome",
+        "reason",
+        "client_epsilon",
+        "record_epsilon",
+    }
 )
 OUTCOMES = ("released", "refused")
 _STATEMENT_KEYS = frozenset({"client", "signed", "cert"})
@@ -308,6 +321,15 @@ def _check_dp_sgd(value: Any, line_no: int) -> None:
         raise _fail(f"dp_sgd[{key!r}] must be a scalar", line_no)
 
 
+def _check_record_epsilon(value: Any, participants: list[str], line_no: int) -> None:
+    if not isinstance(value, dict) or not set(value) <= set(participants):
+        raise _fail("record_epsilon must map participants to ε", line_no)
+    for eps in value.values():
+        ok = eps is None or (isinstance(eps, float) and math.isfinite(eps) and eps >= 0)
+        if not ok:
+            raise _fail("record_epsilon values must be finite floats ≥ 0 or null", line_no)
+
+
 def outcome_of(entry: Mapping[str, Any]) -> str:
     """``"released"`` or ``"refused"``; entries from before the field read as released."""
     return str(entry.get("outcome", "released"))
@@ -400,6 +422,8 @@ def validate_entry(obj: Any, line_no: int = 0) -> dict[str, Any]:
     _check_outcome(obj, line_no)
     if "dp_sgd" in obj:
         _check_dp_sgd(obj["dp_sgd"], line_no)
+    if "record_epsilon" in obj:
+        _check_record_epsilon(obj["record_epsilon"], participants, line_no)
     if "statements" in obj:
         _check_statements(obj["statements"], participants, line_no)
     if "weight_scale" in obj and not _float(obj, "weight_scale", line_no) > 0:

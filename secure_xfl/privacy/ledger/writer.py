@@ -241,6 +241,7 @@ class PrivacyLedger:
         outcome: str = "released",
         reason: str | None = None,
         client_epsilon: float | None = None,
+        record_epsilon: Mapping[str, float] | None = None,
     ) -> dict[str, Any]:
         """Sign, chain, write and fsync one entry; returns it (with ``sig``).
 
@@ -248,7 +249,8 @@ class PrivacyLedger:
         ``inf`` for unbounded); :meth:`would_spend` computes it.
         ``client_epsilon`` is the largest participant's ε after it (the second
         figure of :meth:`PrivacyBudget.projected`; ``inf`` for unbounded,
-        ``None`` leaves the field out). ``outcome`` is ``"released"`` or
+        ``None`` leaves the field out). ``record_epsilon`` maps participants to their
+        record-level ε after it (``inf`` for unbounded). ``outcome`` is ``"released"`` or
         ``"refused"``; a refused entry needs ``reason``, a short identifier
         such as ``aggregate_out_of_bounds``. ``statements`` are the
         participants' signed statements ``{"client", "signed", "cert"}`` (see
@@ -298,6 +300,8 @@ class PrivacyLedger:
             entry["reason"] = reason
         if client_epsilon is not None:
             entry["client_epsilon"] = _claim(client_epsilon)
+        if record_epsilon is not None:
+            entry["record_epsilon"] = {str(c): _claim(e) for c, e in record_epsilon.items()}
         try:
             validate_entry(entry)
         except LedgerInvalid as exc:
