@@ -214,13 +214,32 @@ def _audit_parser() -> argparse.ArgumentParser:
         "the key holder's kit, cert.pem",
     )  # fmt: skip
     p.add_argument("--delta", type=float, help="δ to report ε at (default: the ledger's)")
-    p.add_argument("--budget", type=float, metavar="EPS", help="fail (exit 1) above this ε")
+    p.add_argument(
+        "--budget", type=float, metavar="EPS",
+        help="fail (exit 1) when any silo's record-level ε (PLD) or, where client-level DP "
+        "is on, the federation's ε exceeds this (default: the budgets in --kit's config)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-no-dp", action="store_true",
+        help="accept rounds decrypted without any noise (otherwise status NO_PRIVACY, exit 1)",
+    )  # fmt: skip
     p.add_argument("--run", help="run to audit (required if the ledger holds several)")
     p.add_argument("--expected-entries", type=int, help="entry count known out of band")
     p.add_argument("--expected-head", help="hash of the last line known out of band")
     p.add_argument("--no-prv", action="store_true", help="skip the PRV accountant")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
+
+
+def _kit_budgets(kit: Path) -> tuple[float | None, float | None]:
+    """(client-level, record-level) ε budgets of a kit's config; None where it sets none."""
+    from secure_xfl.config import load_config
+
+    p = load_config(kit / "config.toml").privacy
+    fed = p.epsilon_budget if p.epsilon_budget > 0 else None
+    rec = p.record.budget if p.record.enabled and p.record.budget > 0 else None
+    # A kit with only a client-level budget must not silently lift the silos' limit.
+    return fed, rec if rec is not None else fed
 
 
 def _beside(ledger: Path, in_dir: str, in_kit: str) -> Path | None:
@@ -245,9 +264,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     except SystemExit as exc:  # --help (0) or bad arguments (2, message on stderr)
         return exc.code if isinstance(exc.code, int) else 0
     ledger, ca, crl, cert, federation = Path(opts.ledger), opts.ca, opts.crl, opts.cert, None
+    budget, record_budget = opts.budget, None
     try:
         if opts.kit:  # the trust anchor comes from the auditor's kit, never beside the ledger
             kit = kit_trust(opts.kit)
+            if budget is None:
+                budget, record_budget = _kit_budgets(Path(opts.kit))
             ca, federation = ca or kit.ca, kit.federation
             crl = crl or (kit.crl if not opts.ca else None)
             cert = cert or kit.keyholder_cert
@@ -264,8 +286,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             raise AuditError(f"no CRL at {crl}: pass --crl CRL_PEM (the CA's revocation list)")
         report = audit(
             ledger, cert, ca=ca, crl=crl, federation=federation, delta=opts.delta,
-            budget=opts.budget, run=opts.run, expected_entries=opts.expected_entries,
+            budget=budget, run=opts.run, expected_entries=opts.expected_entries,
             expected_head=opts.expected_head, prv=not opts.no_prv,
+            record_budget=record_budget, allow_no_dp=opts.allow_no_dp,
         )  # fmt: skip
     except SecureXFLError as exc:  # AuditError, or a --kit that is not a kit
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)

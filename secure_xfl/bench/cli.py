@@ -13,7 +13,7 @@ from typing import Any
 
 from secure_xfl.bench.report import Row, markdown, write_json
 
-SECTIONS = ("crypto", "transport", "round")
+SECTIONS = ("crypto", "transport", "round", "training")
 
 
 def machine() -> dict[str, Any]:
@@ -47,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--transport-mb", type=int, help="upload size (default 100; quick 2)")
     p.add_argument("--datagrams", help="QUIC datagram sizes (default 1200,1452,9000)")
     p.add_argument("--round-numel", type=int, help="round update size (default 1e6)")
+    p.add_argument("--train-steps", type=int, help="training steps (default 20; quick 3)")
+    p.add_argument("--train-batch", type=int, help="training batch size (default 64; quick 16)")
+    p.add_argument("--train-threads", type=int, default=1, help="torch/OMP threads (default 1)")
+    p.add_argument("--train-repeats", type=int, help="timed training calls (default 2; quick 1)")
+    p.add_argument(
+        "--train-device", choices=("cpu", "cuda", "auto"), default="cpu", help="default cpu"
+    )
     return p
 
 
@@ -79,7 +86,25 @@ def main(argv: list[str] | None = None) -> int:
         from secure_xfl.bench.round import run as round_run
 
         rows += round_run(args.round_numel or (30_000 if args.quick else 1_000_000))
+    training = None
+    if "training" in sections:
+        from secure_xfl.bench.training import TrainingBenchConfig
+        from secure_xfl.bench.training import measure as training_measure
+        from secure_xfl.bench.training import rows as training_rows
+
+        training = training_measure(
+            TrainingBenchConfig(
+                steps=args.train_steps or (3 if args.quick else 20),
+                batch_size=args.train_batch or (16 if args.quick else 64),
+                repeats=args.train_repeats or (1 if args.quick else 2),
+                threads=args.train_threads,
+                device=args.train_device,
+            )
+        )
+        rows += training_rows(training)
     print(markdown(rows))
+    if training is not None:
+        print("\n" + training.table())
     info = machine()
     print(
         f"\n{info['nproc']} cores, {info['cpu']}, Python {info['python']}, "
@@ -88,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(Path(args.json), rows)
         Path(args.json).with_suffix(".machine.json").write_text(json.dumps(info, indent=1))
+        if training is not None:
+            sidecar = Path(args.json).with_suffix(".training.json")
+            sidecar.write_text(json.dumps(training.to_json(), indent=1) + "\n")
     return 0
 
 

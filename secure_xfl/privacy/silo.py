@@ -36,6 +36,9 @@ _VERSION = 1
 _MAX_BYTES = 8 * 1024 * 1024
 _MAX_ENTRIES = 50_000
 _KEYS = {"run", "round", "attempt", "sigma", "q", "steps", "clip"}
+#: A derived σ_r above this trains nothing useful: the silo declines instead of
+#: spending its last sliver of budget on noise.
+MAX_DERIVED_SIGMA = 10.0
 
 
 class SiloStateError(PrivacyError):
@@ -132,6 +135,7 @@ class SiloAccount:
                 derived = calibrate_noise(
                     self.target, sample_rate=sample_rate, steps=max(1, steps),
                     rounds=remaining, delta=self.delta, history=history,
+                    max_sigma=MAX_DERIVED_SIGMA,
                 )  # fmt: skip
             except AccountingError as exc:
                 raise RecordBudgetExhausted(

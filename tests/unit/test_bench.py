@@ -53,3 +53,74 @@ def test_tiny_bench_writes_rows_with_the_schema(
 
 def test_unknown_section_is_refused() -> None:
     assert main(["--sections", "nope"]) == 2
+
+
+def test_tiny_training_section_measures_both_variants() -> None:
+    from secure_xfl.bench import training
+
+    cfg = training.TrainingBenchConfig(steps=2, batch_size=8, repeats=1, max_bytes=100_000)
+    result = training.measure(cfg)
+    assert set(result.variants) == {"non-private", "DP-SGD"}
+    for v in result.variants.values():
+        assert math.isfinite(v.tokens_per_s) and v.tokens_per_s > 0
+        assert v.samples > 0 and v.steps == 2 and v.batch_size == 8 and v.threads == 1
+        assert v.tokens_per_s == pytest.approx(v.samples * result.block_size / v.seconds)
+        assert v.peak_mib > 0 and math.isfinite(v.increment_mib) and v.memory == "RSS"
+    dp, base = result.variants["DP-SGD"].tokens_per_s, result.variants["non-private"].tokens_per_s
+    assert result.ratio == pytest.approx(dp / base)
+    rows = training.rows(result)
+    assert [r["unit"] for r in rows] == ["tokens/s", "MiB", "MiB"]
+    assert all(tuple(r) == ROW_KEYS and "[DP-SGD vs non-private]" in r["metric"] for r in rows)
+    assert rows[0]["ours"] == pytest.approx(dp, rel=1e-3)
+    assert rows[0]["baseline"] == pytest.approx(base, rel=1e-3)
+    assert rows[0]["ratio"] == pytest.approx(dp / base, rel=1e-3)
+    table = result.table()
+    assert "| variant | batch | steps | tokens/s |" in table and "1 thread(s)" in table
+    assert "secure-xfl bench --sections training --train-steps 2 --train-batch 8" in table
+
+
+def test_training_section_is_wired_into_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from secure_xfl.bench import training
+
+    seen: list[training.TrainingBenchConfig] = []
+
+    def fake(cfg: training.TrainingBenchConfig) -> training.TrainingResult:
+        seen.append(cfg)
+        v = {
+            name: training.VariantResult(
+                variant=name,
+                batch_size=cfg.batch_size,
+                steps=cfg.steps,
+                tokens_per_s=tps,
+                samples=10,
+                seconds=640 / tps,
+                peak_mib=peak,
+                increment_mib=peak - 1.0,
+                setup_mib=1.0,
+                memory="RSS",
+                hwm_reset=True,
+                device="cpu",
+                threads=cfg.threads,
+                loss=5.0,
+            )
+            for name, tps, peak in (("non-private", 400.0, 3.0), ("DP-SGD", 100.0, 5.0))
+        }
+        return training.TrainingResult(cfg, v, blocks=10, block_size=64, trainable=7, torch="x")
+
+    monkeypatch.setattr(training, "measure", fake)
+    out = tmp_path / "bench.json"
+    assert main(["--sections", "training", "--quick", "--json", str(out)]) == 0
+    assert seen == [training.TrainingBenchConfig(steps=3, batch_size=16, repeats=1)]
+    rows = json.loads(out.read_text())
+    assert [(r["ours"], r["baseline"], r["ratio"]) for r in rows] == [
+        (100.0, 400.0, 0.25),
+        (5.0, 3.0, pytest.approx(5 / 3, rel=1e-3)),
+        (4.0, 2.0, 2.0),
+    ]
+    detail = json.loads(out.with_suffix(".training.json").read_text())
+    assert detail["ratio"] == 0.25 and len(detail["variants"]) == 2
+    assert "| DP-SGD | 16 (expected, Poisson) | 3 | 100 | 0.25 | 5.0 | 4.0 |" in (
+        capsys.readouterr().out
+    )
