@@ -1,22 +1,31 @@
 """Privacy accounting for sequences of (sub)sampled Gaussian mechanisms.
 
-All arithmetic is Opacus's: the RDP accountant (Mironov et al.; conversion
-to (ε, δ) by Balle et al. 2020, Thm. 21, as in
-``opacus.accountants.analysis.rdp.get_privacy_spent``) and the PRV
-accountant (Gopi et al. 2021). This module only prepares the history,
-widens the RDP order grid and turns Opacus's failure modes into typed errors.
+Three accountants, selected by ``method``:
+
+* ``"pld"`` (the tightest, and the default of :func:`calibrate_noise`): Google's
+  dp-accounting privacy-loss-distribution accountant with its pessimistic
+  estimate, so ε is a valid upper bound; see :mod:`secure_xfl.privacy.pld` for
+  the event mapping and the discretisation interval chosen.
+* ``"rdp"``: Opacus's RDP accountant (Mironov et al.; conversion to (ε, δ) by
+  Balle et al. 2020, Thm. 21, as in
+  ``opacus.accountants.analysis.rdp.get_privacy_spent``) over a widened order grid.
+* ``"prv"``: Opacus's PRV accountant (Gopi et al. 2021).
+
+This module only prepares the history, widens the RDP order grid and turns the
+libraries' failure modes into typed errors. Opacus and dp-accounting are
+imported lazily, on first use, so importing this module stays cheap.
 
 A history is a sequence of ``(noise_multiplier, sample_rate, steps)``
 triples, exactly Opacus's own ``accountant.history`` format.
 
-Two exact simplifications are applied before calling Opacus:
+Two exact simplifications are applied before calling PRV or PLD:
 
-* identical ``(σ, q)`` pairs are merged (composition is commutative);
+* identical ``(σ, q)`` pairs are merged (composition is commutative; RDP too);
 * all full-participation (``q = 1``) Gaussian steps are merged into one
   Gaussian with ``σ' = (Σ steps_i/σ_i²)^(-1/2)``: composing Gaussian
   mechanisms is exactly a Gaussian mechanism with that σ' (the privacy-loss
   distributions are Gaussians whose means and variances add), so no
-  precision is lost and the PRV grid stays small.
+  precision is lost and the PRV/PLD grids stay small.
 
 PRV fallbacks (documented behaviour, both keep the result a valid upper bound):
 
@@ -28,7 +37,12 @@ PRV fallbacks (documented behaviour, both keep the result a valid upper bound):
   the returned upper bound is then looser by that much.
 
 Anything else Opacus refuses (e.g. δ so small that float error dominates)
-raises :class:`PRVUnavailable`.
+raises :class:`PRVUnavailable`; dp-accounting failures (or a non-finite PLD
+answer) raise :class:`PLDUnavailable`.
+
+:func:`calibrate_noise` inverts any of them: the smallest σ, on a grid of four
+significant digits and rounded up, that keeps a history plus the new rounds
+within a target ε.
 """
 
 from __future__ import annotations
@@ -37,7 +51,7 @@ import functools
 import math
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -49,7 +63,9 @@ __all__ = [
     "AccountingError",
     "History",
     "Method",
+    "PLDUnavailable",
     "PRVUnavailable",
+    "calibrate_noise",
     "epsilon",
     "epsilon_for",
     "rdp_curve",
@@ -57,7 +73,7 @@ __all__ = [
 ]
 
 History = Sequence[tuple[float, float, int]]
-Method = Literal["rdp", "prv"]
+Method = Literal["rdp", "prv", "pld"]
 
 #: RDP orders searched in the conversion. Opacus's default grid stops at 63,
 #: which loosens small-ε (large-σ) answers, and starts at 1.1, which loosens
@@ -88,6 +104,12 @@ class PRVUnavailable(AccountingError):
     """The PRV accountant cannot produce a bound for these parameters."""
 
     code = "privacy.accounting.prv"
+
+
+class PLDUnavailable(AccountingError):
+    """dp-accounting's PLD accountant cannot produce a bound for these parameters."""
+
+    code = "privacy.accounting.pld"
 
 
 def _check_delta(delta: float) -> float:
@@ -230,13 +252,23 @@ def _epsilon_prv(history: list[tuple[float, float, int]], delta: float) -> float
     return max(0.0, eps)
 
 
+def _epsilon_pld(history: list[tuple[float, float, int]], delta: float) -> float:
+    from secure_xfl.privacy.pld import epsilon_pld
+
+    # Subsampled entries first, in history order, and the merged Gaussian last:
+    # a history extended by one entry then shares its composed prefix (cached).
+    hist = _collapse_full_participation(history)
+    return epsilon_pld([h for h in hist if h[1] != 1.0] + [h for h in hist if h[1] == 1.0], delta)
+
+
 def epsilon(history: History, delta: float, method: Method = "rdp") -> float:
     """ε spent by ``history`` at ``delta``.
 
     ``history`` holds ``(noise_multiplier, sample_rate, steps)`` triples.
     Returns ``0.0`` for an empty history and ``inf`` when any mechanism that
     touched the data had ``noise_multiplier == 0``. ``method="prv"`` raises
-    :class:`PRVUnavailable` when Opacus's PRV accountant cannot answer.
+    :class:`PRVUnavailable` when Opacus's PRV accountant cannot answer;
+    ``method="pld"`` raises :class:`PLDUnavailable` when dp-accounting cannot.
     """
     d = _check_delta(delta)
     hist = _normalise(history)
@@ -248,6 +280,8 @@ def epsilon(history: History, delta: float, method: Method = "rdp") -> float:
         return _epsilon_rdp(hist, d)
     if method == "prv":
         return _epsilon_prv(hist, d)
+    if method == "pld":
+        return _epsilon_pld(hist, d)
     raise AccountingError(f"unknown accounting method {method!r}")
 
 
@@ -256,3 +290,109 @@ def epsilon_for(
 ) -> float:
     """ε of ``rounds`` identical (σ, q) rounds; see :func:`epsilon`."""
     return epsilon([(sigma, sample_rate, rounds)], delta, method)
+
+
+# calibrate_noise searches σ on the grid m·10^e (m = 1000..9999): four
+# significant digits, indexed monotonically by 9000·e + (m − 1000).
+_SIG_DIGITS = 4
+_MIN_SIGMA = 1e-3
+
+
+def _grid_value(index: int) -> float:
+    e, m = divmod(index, 9000)
+    return float(f"{m + 1000}e{e - _SIG_DIGITS + 1}")
+
+
+def _grid_index(x: float, *, up: bool) -> int:
+    """Index of the smallest grid value ≥ x (``up``) or the largest ≤ x."""
+    e = math.floor(math.log10(x))
+    i = 9000 * e + int(x / 10.0 ** (e - _SIG_DIGITS + 1)) - 1000
+    while _grid_value(i) > x:
+        i -= 1
+    while _grid_value(i + 1) <= x:
+        i += 1
+    return i + 1 if up and _grid_value(i) < x else i
+
+
+def calibrate_noise(
+    target_epsilon: float,
+    *,
+    sample_rate: float,
+    steps: int,
+    rounds: int,
+    delta: float,
+    history: History = (),
+    method: Method = "pld",
+    max_sigma: float = 50.0,
+) -> float:
+    """Smallest noise multiplier that keeps ``history`` + the new rounds within budget.
+
+    Returns the smallest σ on a four-significant-digit grid (so the answer is
+    rounded *up*, never below the exact threshold) with
+    ``epsilon([*history, (σ, sample_rate, steps * rounds)], delta, method) <=
+    target_epsilon``, found by bisection; the value returned was itself
+    evaluated, and the grid point just below it was evaluated and does not fit
+    (σ never goes below ``_MIN_SIGMA``; probes the accountant cannot bound count
+    as over budget). Raises :class:`AccountingError` for invalid arguments and when even
+    ``max_sigma`` does not fit (e.g. ``history`` already spent the target).
+    """
+    target = float(target_epsilon)
+    if not (math.isfinite(target) and target > 0):
+        raise AccountingError(f"target epsilon must be finite and > 0, got {target_epsilon!r}")
+    for name, value in (("steps", steps), ("rounds", rounds)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise AccountingError(f"{name} must be an int ≥ 1, got {value!r}")
+    q = float(sample_rate)
+    if not 0 < q <= 1:
+        raise AccountingError(f"sample rate must lie in (0, 1], got {sample_rate!r}")
+    top = float(max_sigma)
+    if not (math.isfinite(top) and top >= _MIN_SIGMA):
+        raise AccountingError(f"max_sigma must be finite and ≥ {_MIN_SIGMA}, got {max_sigma!r}")
+    if method not in get_args(Method):
+        raise AccountingError(f"unknown accounting method {method!r}")
+    d = _check_delta(delta)
+    past = list(history)
+    spent = epsilon(past, d, method)  # validates history
+    total = int(steps) * int(rounds)
+
+    def eps_at(index: int) -> float:
+        return epsilon([*past, (_grid_value(index), q, total)], d, method)
+
+    hi = _grid_index(top, up=False)
+    where = f"target epsilon {target:g} at delta {d:g} ({method})"
+    if spent >= target:
+        raise AccountingError(
+            f"cannot meet {where}: the history already spent {spent:.4g}, so no noise "
+            f"multiplier up to max_sigma = {_grid_value(hi):g} fits"
+        )
+    worst = eps_at(hi)
+    if worst > target:
+        raise AccountingError(
+            f"cannot meet {where}: the history already spent {spent:.4g} and even "
+            f"max_sigma = {_grid_value(hi):g} for {rounds} round(s) of {steps} step(s) "
+            f"at q = {q:g} reaches {worst:.4g}"
+        )
+
+    def fits(index: int) -> bool:
+        try:
+            return eps_at(index) <= target
+        except (PLDUnavailable, PRVUnavailable):
+            return False  # no valid bound there: treat as over budget
+
+    floor = _grid_index(_MIN_SIGMA, up=True)
+    lo = None  # grid index known not to fit; hi is known to fit
+    while lo is None:
+        probe = max(floor, _grid_index(_grid_value(hi) / 2, up=True))
+        if probe >= hi:
+            return _grid_value(hi)  # fits all the way down to _MIN_SIGMA
+        if fits(probe):
+            hi = probe
+        else:
+            lo = probe
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return _grid_value(hi)

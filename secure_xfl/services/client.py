@@ -22,7 +22,7 @@ import torch
 from secure_xfl.crypto.codec import flatten, layout_of
 from secure_xfl.crypto.context import check_context_matches, get_preset
 from secure_xfl.crypto.recordspec import RecordDPSpec
-from secure_xfl.errors import TrainingError
+from secure_xfl.errors import ConfigError, TrainingError
 from secure_xfl.kit import Kit
 from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.privacy.silo import STATE_FILE, RecordBudgetExhausted, SiloAccount
@@ -89,6 +89,14 @@ class ClientService:
         )
         self.machine = ClientRound(self.name, client_policy(kit))
         self.silo = silo_account(kit) if kit.config.privacy.record.enabled else None
+        if self.silo is not None and not hasattr(trainer, "records"):
+            raise ConfigError(
+                f"{kit.path}: privacy.record.enabled demands record-level DP-SGD, which the "
+                f"trainer {type(trainer).__name__} cannot run; use --trainer lm, or turn "
+                "record-level DP off in this kit (then set client-level noise or allow_no_dp)"
+            )
+        if self.silo is not None:
+            log.info("record-level DP: %s", self.silo.summary())
         self.outcome: Done | None = None
         self._vectors: dict[int, tuple[np.ndarray, Any]] = {}  # base round -> (vec, layout)
 
