@@ -159,20 +159,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         slow[name] = float(factor)
     cfg = DemoConfig(
         out=Path(args.out),
-        rounds=args.rounds,
+        rounds=3 if args.fast else args.rounds,
         rule=args.rule,
         partition=args.partition,
-        local_steps=args.local_steps,
+        local_steps=10 if args.fast else args.local_steps,
         noise_multiplier=args.noise,
+        record_dp=not args.no_record_dp,
+        epsilon=args.epsilon,
+        baseline=not args.no_baseline,
         slow=slow,
     )
     report = run_demo(cfg)
     first = (report.get("initial") or {}).get("loss")
     last = report["rounds"][-1]["loss"]
+    base = report["rounds"][-1].get("baseline_loss")
+    vs = "" if base is None else f" (non-private baseline {base:.3f})"
+    silos = report["privacy"]["per_silo"]
+    eps = ", ".join(
+        f"{c} {e:.3f}" if isinstance(e := i["epsilon"]["pld"], float) else f"{c} {e}"
+        for c, i in sorted(silos.items())
+    )  # JSON form: an unbounded ε is the string "inf"
     print(
         f"demo finished: {report['outcome']} in {report['wall_seconds']} s; "
-        f"held-out loss {first:.3f} -> {last:.3f}; report in {cfg.out}/report.md\n"
-        f"audit the ledger: {report['audit_command']}"
+        f"held-out loss {first:.3f} -> {last:.3f}{vs}\n"
+        + (f"record-level ε per silo (PLD, δ={cfg.delta:g}): {eps}\n" if silos else "")
+        + f"report in {cfg.out}/report.md\naudit the ledger: {report['audit_command']}"
     )
     return 0 if report["ok"] else 1
 
@@ -371,17 +382,39 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(s)
     s.set_defaults(func=_cmd_client)
 
-    s = sub.add_parser("demo", help="run a whole federation locally and write a report")
-    s.add_argument("--out", default="demo-out", help="report folder (default demo-out)")
-    s.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
+    from secure_xfl.experiments.demo import DemoConfig
+
+    d = DemoConfig()
+    s = sub.add_parser(
+        "demo", help="run a whole federation locally and write a report",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    s.add_argument("--out", default=str(d.out), help="report folder")
+    s.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds")
     s.add_argument(
         "--rule",
         default="fedavg",
         choices=typing.get_args(Rule),
     )
     s.add_argument("--partition", choices=("fixed", "dirichlet", "dynamic"), default="fixed")
-    s.add_argument("--local-steps", type=int, default=20, help="local steps per round")
-    s.add_argument("--noise", type=float, default=0.002, help="client-level DP σ")
+    s.add_argument("--local-steps", type=int, default=d.local_steps, help="local steps per round")
+    s.add_argument(
+        "--epsilon", type=float, default=d.epsilon,
+        help=f"each silo's record-level ε budget at δ={d.delta:g} (σ_r is derived from it)",
+    )  # fmt: skip
+    s.add_argument(
+        "--no-record-dp", action="store_true",
+        help="turn record-level DP-SGD off (then set --noise, or the run has no DP)",
+    )  # fmt: skip
+    s.add_argument(
+        "--noise", type=float, default=d.noise_multiplier,
+        help="client-level DP σ over the sum (0: off)",
+    )  # fmt: skip
+    s.add_argument("--no-baseline", action="store_true", help="skip the non-private baseline")
+    s.add_argument(
+        "--fast", action="store_true",
+        help="3 rounds of 10 local steps: a quick look (ε still within --epsilon)",
+    )  # fmt: skip
     s.add_argument(
         "--slow",
         action="append",

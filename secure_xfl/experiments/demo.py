@@ -2,16 +2,17 @@
 
 Provisions a fresh federation (CA, certificates, CKKS keys), starts the key
 holder, the aggregator and three clouds as separate OS processes on 127.0.0.1
-(mutually authenticated QUIC, CKKS, client-level DP), fine-tunes a small GPT-2
-on the offline corpus, and writes a report with plots and the audited ledger.
+(mutually authenticated QUIC, CKKS, record-level DP-SGD in every silo), fine-tunes
+a small GPT-2 on the offline corpus, runs (or reuses from its cache) the
+non-private baseline with the same seed, rounds and local steps, and writes a
+report with plots and the audited ledger.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -19,12 +20,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 from tqdm import tqdm
 
 from secure_xfl.errors import SecureXFLError
+
+if TYPE_CHECKING:
+    from secure_xfl.experiments.baseline import BaselineSpec
+
+log = logging.getLogger(__name__)
 
 CLI = [sys.executable, "-m", "secure_xfl.cli"]
 
@@ -45,10 +51,25 @@ class DemoConfig:
     """Data partitioning among clouds."""
     local_steps: int = 20
     """Local steps per round per cloud."""
-    noise_multiplier: float = 0.002
-    """Client-level DP σ (tiny: 3 clients cannot buy a small ε; the report says so)."""
+    batch_size: int = 64
+    """Local batch size (DP-SGD: the expected Poisson batch)."""
+    local_lr: float = 3e-3
+    """Local (AdamW) learning rate."""
+    record_dp: bool = True
+    """Record-level DP-SGD in every silo (the cross-silo default)."""
+    epsilon: float = 2.0
+    """Each silo's record-level ε target and budget (PLD, δ = ``delta``); σ_r is derived."""
+    record_clip: float = 1.0
+    """Per-record (per-block) clip C_r of DP-SGD."""
+    delta: float = 1e-5
+    """δ of every guarantee."""
+    noise_multiplier: float = 0.0
+    """Client-level DP σ over the sum (0: off; with 3 clients no useful update survives
+    the noise a small client-level ε needs, so record-level DP protects the silos)."""
     clip_norm: float = 1.0
-    """Client-level clip norm C."""
+    """Client-level clip norm C of each whole update."""
+    baseline: bool = True
+    """Also run (or reuse from ``out/cache``) the non-private baseline."""
     slow: dict[str, float] = field(default_factory=dict)
     """Per-client artificial slowdown factors (heterogeneous clouds)."""
     timeout_s: float = 300.0
@@ -60,14 +81,20 @@ class DemoConfig:
 
 
 def _base_config(cfg: DemoConfig) -> dict[str, Any]:
+    record = {"enabled": cfg.record_dp, "max_grad_norm": cfg.record_clip,
+              "target_epsilon": cfg.epsilon}  # fmt: skip
+    privacy = {"noise_multiplier": cfg.noise_multiplier, "clip_norm": cfg.clip_norm,
+               "delta": cfg.delta, "record": record}  # fmt: skip
+    if not cfg.record_dp and cfg.noise_multiplier == 0:
+        privacy["allow_no_dp"] = True
     return {
         "federation": {"rounds": cfg.rounds, "min_clients": cfg.min_clients},
-        "privacy": {"noise_multiplier": cfg.noise_multiplier, "clip_norm": cfg.clip_norm},
+        "privacy": privacy,
         "round": {
             "rule": cfg.rule,
             "local_steps": cfg.local_steps,
-            "local_lr": 3e-3,
-            "batch_size": 16,
+            "local_lr": cfg.local_lr,
+            "batch_size": cfg.batch_size,
             "timeout_s": cfg.timeout_s,
             "server_lr": cfg.server_lr,
         },
@@ -205,129 +232,6 @@ def run_federation(cfg: DemoConfig, work: Path) -> tuple[list[dict[str, Any]], d
     return records, outcome
 
 
-def _finite(x: Any) -> Any:
-    return x if isinstance(x, int | float) and math.isfinite(x) else None
-
-
-def write_report(
-    cfg: DemoConfig, records: list[dict[str, Any]], outcome: dict[str, Any], seconds: float
-) -> dict[str, Any]:
-    """report.json, report.md, loss.png, bytes.png, and the ledger with what audits it
-    (ledger.jsonl, keyholder-cert.pem, ca.pem, crl.pem) under ``cfg.out``."""
-    from secure_xfl.privacy.audit import audit
-
-    out = cfg.out
-    rounds = [
-        {
-            "round": r["round"] + 1,
-            "loss": r.get("loss"),
-            "perplexity": r.get("perplexity"),
-            "accuracy": r.get("accuracy"),
-            "bytes_up": r["bytes_up"],
-            "bytes_down": r["bytes_down"],
-            "seconds": r["seconds"],
-            "epsilon": _finite(r.get("epsilon")),
-            "participants": r["participants"],
-        }
-        for r in records
-    ]
-    for src, name in (("ledger", "ledger.jsonl"), ("keyholder_cert", "keyholder-cert.pem"),
-                      ("ca", "ca.pem"), ("crl", "crl.pem")):  # fmt: skip
-        shutil.copy(outcome[src], out / name)
-    report_audit = audit(
-        out / "ledger.jsonl", out / "keyholder-cert.pem", ca=out / "ca.pem", crl=out / "crl.pem"
-    )
-    # What a user runs to check it again: the key holder's cert and the CRL are found
-    # beside the ledger and the CA; the CA itself must always be named.
-    command = shlex.join(["secure-xfl", "audit", str(out / "ledger.jsonl"),
-                          "--ca", str(out / "ca.pem")])  # fmt: skip
-    report = {
-        "initial": outcome.get("initial"),
-        "rounds": rounds,
-        "outcome": outcome["outcome"],
-        "ok": outcome["ok"],
-        "wall_seconds": round(seconds, 1),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
-        "audit": report_audit.to_json(),
-        "audit_command": command,
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    _plots(out, rounds, (outcome.get("initial") or {}).get("loss"))
-    lines = [
-        "# secure-xfl demo report",
-        "",
-        f"Outcome: **{outcome['outcome']}** in {seconds:.0f} s, {len(rounds)} rounds, rule "
-        f"`{cfg.rule}`, partition `{cfg.partition}`, clients {', '.join(cfg.clients)}.",
-        "",
-        f"Initial held-out loss {(outcome.get('initial') or {}).get('loss', float('nan')):.4f}"
-        f" → {rounds[-1]['loss']:.4f} after round {rounds[-1]['round']}.",
-        "",
-        "| round | held-out loss | perplexity | accuracy | MB up | MB down | s | ε (RDP) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rounds:
-        eps = r["epsilon"]
-        lines.append(
-            f"| {r['round']} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['accuracy']:.3f} | "
-            f"{r['bytes_up'] / 1e6:.2f} | {r['bytes_down'] / 1e6:.2f} | {r['seconds']:.1f} | "
-            f"{'∞' if eps is None else f'{eps:.4g}'} |"
-        )
-    lines += [
-        "",
-        f"Client-level DP: σ = {cfg.noise_multiplier}, C = {cfg.clip_norm}. With three clients",
-        "no useful update survives the noise a small ε needs, so ε here is large; the number",
-        "is honest, not a guarantee worth having. See README for record-level DP-SGD.",
-        "",
-        "![loss](loss.png) ![bytes](bytes.png)",
-        "",
-        "## Ledger audit",
-        "",
-        "Every decryption is on the signed ledger, refused ones included (they are charged",
-        "in ε too). Check it against the federation CA yourself:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        "```",
-        report_audit.table(),
-        "```",
-    ]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    return report
-
-
-def _plots(out: Path, rounds: list[dict[str, Any]], initial_loss: float | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = [r["round"] for r in rounds]
-    losses = [r["loss"] for r in rounds]
-    if initial_loss is not None:  # round 0 = the initial model
-        xs_loss, losses = [0, *xs], [initial_loss, *losses]
-    else:
-        xs_loss = xs
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(xs_loss, losses, marker="o")
-    ax.set_xticks(xs_loss)
-    ax.set(xlabel="round", ylabel="held-out loss", title="Global model loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar([x - 0.2 for x in xs], [r["bytes_up"] / 1e6 for r in rounds], 0.4, label="up")
-    ax.bar([x + 0.2 for x in xs], [r["bytes_down"] / 1e6 for r in rounds], 0.4, label="down")
-    ax.set_xticks(xs)
-    ax.set(xlabel="round", ylabel="MB", title="Bytes on the wire per round")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "bytes.png", dpi=110)
-    plt.close(fig)
-
-
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo end to end and write its report; returns report.json's content."""
     start = time.monotonic()
@@ -343,4 +247,35 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             raise SecureXFLError(f"no round completed: {outcome['outcome']}")
         initial = work / "aggregator" / "initial.json"
         outcome["initial"] = json.loads(initial.read_text()) if initial.exists() else None
-        return write_report(cfg, records, outcome, time.monotonic() - start)
+        baseline = run_baseline(cfg) if cfg.baseline else None
+        from secure_xfl.experiments.demo_report import write_report
+
+        return write_report(cfg, records, outcome, time.monotonic() - start, baseline)
+
+
+def baseline_spec(cfg: DemoConfig) -> BaselineSpec:
+    """The non-private run the demo compares against: same clients, seed, rounds, local
+    steps, batch and learning rate; no DP-SGD, no client-level clip or noise."""
+    from secure_xfl.experiments.baseline import BaselineSpec
+
+    return BaselineSpec(
+        clients=cfg.clients, rounds=cfg.rounds, local_steps=cfg.local_steps,
+        local_lr=cfg.local_lr, batch_size=cfg.batch_size, partition=cfg.partition,
+        server_lr=cfg.server_lr,
+    )  # fmt: skip
+
+
+def run_baseline(cfg: DemoConfig) -> dict[str, Any] | None:
+    """The non-private baseline, from ``out/cache`` when an identical one was run before."""
+    if cfg.rule != "fedavg" or cfg.partition not in ("fixed", "dirichlet"):
+        log.info("no non-private baseline for rule %s / partition %s", cfg.rule, cfg.partition)
+        return None
+    import torch
+
+    from secure_xfl.experiments.baseline import cached_simulate
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    with tqdm(total=cfg.rounds, desc="non-private baseline", unit="round", disable=None) as bar:
+        return cached_simulate(
+            baseline_spec(cfg), cfg.out / "cache", progress=lambda r, m: bar.update(1)
+        )

@@ -115,6 +115,9 @@ class Coordinator:
             loss_ref=self.loss_ref,
             attempt=self.attempt,
         )
+        if (self.plan.dp is None or self.plan.dp.noise_multiplier == 0) and not self.plan.record:
+            log.warning("round %d: this aggregator's kit proposes NO differential privacy "
+                        "(clients and key holder apply their own kits)", self.round)  # fmt: skip
         quant = self.plan.quant
         self._plans[self.round] = self.plan
         for old in [r for r in self._plans if r < self.round - s.max_staleness]:

@@ -138,8 +138,8 @@ def test_each_silo_runs_its_own_record_dp_and_budget(tmp_path: Path) -> None:
     assert report["record_budget"] == TARGET  # read from the key holder's kit
     assert report["client_level"] is False
 
-    # A key holder lowering gamma's signed σ_r ... no: raising its claimed noise (so its
-    # ε looks smaller) and re-signing the whole ledger with its own key.
+    # A key holder that raises gamma's signed σ_r (so its ε looks smaller) and re-signs
+    # the whole ledger with its own key: the client's signature no longer verifies.
     first = entries[0]
     items = first["statements"]
     i = [x["client"] for x in items].index(FRUGAL)
