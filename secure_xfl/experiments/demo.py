@@ -49,12 +49,14 @@ class DemoConfig:
     """Aggregation rule."""
     partition: str = "fixed"
     """Data partitioning among clouds."""
-    local_steps: int = 20
+    local_steps: int = 30
     """Local steps per round per cloud."""
-    batch_size: int = 64
-    """Local batch size (DP-SGD: the expected Poisson batch)."""
-    local_lr: float = 3e-3
-    """Local (AdamW) learning rate."""
+    batch_size: int = 128
+    """Local batch size (DP-SGD: the expected Poisson batch, q ≈ 128 / 4,677 per silo)."""
+    local_lr: float = 5e-3
+    """Local (AdamW) learning rate. Batch, steps and rate were picked by measuring a grid
+    in-process (``secure_xfl.experiments.baseline``; see README): at ε = 2 per silo this
+    recipe ends within 4 % of the non-private run with the same recipe."""
     record_dp: bool = True
     """Record-level DP-SGD in every silo (the cross-silo default)."""
     epsilon: float = 2.0
@@ -66,8 +68,10 @@ class DemoConfig:
     noise_multiplier: float = 0.0
     """Client-level DP σ over the sum (0: off; with 3 clients no useful update survives
     the noise a small client-level ε needs, so record-level DP protects the silos)."""
-    clip_norm: float = 1.0
-    """Client-level clip norm C of each whole update."""
+    clip_norm: float = 20.0
+    """Client-level clip norm C of each whole update. With client-level noise off it only
+    bounds one silo's influence (and the key holder's release check): about twice the
+    norm of an honest round's update here (3–10); C = 1 would shrink every update ~10×."""
     baseline: bool = True
     """Also run (or reuse from ``out/cache``) the non-private baseline."""
     slow: dict[str, float] = field(default_factory=dict)
