@@ -278,7 +278,9 @@ def run_baseline(cfg: DemoConfig) -> dict[str, Any] | None:
 
     from secure_xfl.experiments.baseline import cached_simulate
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # One thread, like every client process (OMP_NUM_THREADS=1): the non-private result
+    # depends on the thread count through float summation order.
+    torch.set_num_threads(1)
     with tqdm(total=cfg.rounds, desc="non-private baseline", unit="round", disable=None) as bar:
         return cached_simulate(
             baseline_spec(cfg), cfg.out / "cache", progress=lambda r, m: bar.update(1)

@@ -180,6 +180,7 @@ def _plots(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     xs = [r["round"] for r in rounds]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -201,9 +202,15 @@ def _plots(
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     per_round = audit_json.get("record_rounds") or []
     silos = sorted(audit_json.get("per_silo") or {})
-    for silo in silos:
+    # Silos with equal budgets and shares overlap exactly: distinct markers and dashes
+    # keep every one visible.
+    styles = [("o", "-", 9), ("s", "--", 7), ("^", ":", 5), ("D", "-.", 4)]
+    for k, silo in enumerate(silos):
         pts = [(i + 1, row[silo]) for i, row in enumerate(per_round) if silo in row]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=silo)
+        marker, dash, size = styles[k % len(styles)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=dash,
+                markersize=size, label=silo)  # fmt: skip
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if budget is not None:
         ax.axhline(budget, color="tab:red", linestyle=":", label=f"budget ε = {budget:g}")
     if not silos:
