@@ -72,7 +72,10 @@ class PrivacySettings:
     """Differential privacy: record-level in each silo, client-level over the sum, budgets."""
 
     clip_norm: float = 1.0
-    """L2 bound C on each client's whole update."""
+    """L2 bound C on each client's whole update. With client-level noise on it is the
+    sensitivity the noise is scaled to; with it off it only bounds one client's influence
+    (and the key holder's release check), so set it to about twice an honest update's
+    norm: a bound far below that shrinks every update (the demo uses 20)."""
     noise_multiplier: float = 0.0
     """Client-level σ: each client adds N(0, σ²C²/min_clients); 0 = no client-level noise
     (record-level DP, ``[privacy.record]``, is then what protects each silo)."""
