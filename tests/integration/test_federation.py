@@ -42,7 +42,12 @@ def test_two_rounds_over_real_processes(tmp_path: Path) -> None:
         federation={"rounds": 2, "min_clients": 3},
         round={"timeout_s": 60.0, "weight_cap": 1000.0},
     )
-    run_to_completion(root, CLIENTS, f"vector:{NUMEL}")
+    fed = run_to_completion(root, CLIENTS, f"vector:{NUMEL}")
+    # These kits run without any DP (allow_no_dp): every service says so, every round.
+    logs = {name: proc.text() for name, proc in fed.procs.items()}
+    assert logs["aggregator"].count("proposes NO differential privacy") == 2
+    assert logs["keyholder"].count("with NO differential privacy") == 2
+    assert all(logs[f"client-{c}"].count("NO differential privacy") == 2 for c in CLIENTS)
 
     out = root / "agg-out"
     expected = expected_models(2)
