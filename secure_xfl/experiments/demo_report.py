@@ -61,15 +61,19 @@ def write_report(
                       ("ca", "ca.pem"), ("crl", "crl.pem")):  # fmt: skip
         shutil.copy(outcome[src], out / name)
     budget = cfg.epsilon if cfg.record_dp else None
+    # The ε budget is the silos' record-level one; with three clients a client-level ε
+    # is never small, so it is shown but not held to it.
     report_audit = audit(
         out / "ledger.jsonl", out / "keyholder-cert.pem", ca=out / "ca.pem", crl=out / "crl.pem",
-        budget=budget, allow_no_dp=not cfg.record_dp and cfg.noise_multiplier == 0,
+        record_budget=budget, allow_no_dp=not cfg.record_dp and cfg.noise_multiplier == 0,
     )  # fmt: skip
     # What a user runs to check it again: the key holder's cert and the CRL are found
     # beside the ledger and the CA; the CA itself must always be named.
     argv = ["secure-xfl", "audit", str(out / "ledger.jsonl"), "--ca", str(out / "ca.pem")]
-    if budget is not None:
+    if budget is not None and cfg.noise_multiplier == 0:  # --budget binds both levels
         argv += ["--budget", f"{budget:g}"]
+    if not cfg.record_dp and cfg.noise_multiplier == 0:
+        argv.append("--allow-no-dp")
     command = shlex.join(argv)
     audit_json = report_audit.to_json()
     initial = outcome.get("initial") or {}
