@@ -31,13 +31,18 @@ Mechanism = Literal["client-gaussian"]
 _MAX_K = 1_000_000
 
 
-def _number(value: object, name: str) -> float:
+def signed_number(value: object, name: str) -> float:
+    """A finite int or float of a signed spec as float, else :class:`EnvelopeError`."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise EnvelopeError(f"dp.{name} must be a number")
+        raise EnvelopeError(f"{name} must be a number")
     out = float(value)
     if not math.isfinite(out):
-        raise EnvelopeError(f"dp.{name} must be finite")
+        raise EnvelopeError(f"{name} must be finite")
     return out
+
+
+def _number(value: object, name: str) -> float:
+    return signed_number(value, f"dp.{name}")
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ not built.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from secure_xfl.crypto.dpspec import signed_number
 from secure_xfl.crypto.errors import EnvelopeError
 
 __all__ = ["RECORD_MECHANISMS", "RECORD_UNITS", "RecordDPFloor", "RecordDPSpec"]
@@ -36,12 +36,7 @@ _MAX_STEPS = 10_000_000
 
 
 def _number(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise EnvelopeError(f"record.{name} must be a number")
-    out = float(value)
-    if not math.isfinite(out):
-        raise EnvelopeError(f"record.{name} must be finite")
-    return out
+    return signed_number(value, f"record.{name}")
 
 
 def _delta(value: float) -> float:

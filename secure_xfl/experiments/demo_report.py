@@ -198,10 +198,7 @@ def _plots(
     ax.set_xticks(lead + xs)
     ax.set(xlabel="round", ylabel="held-out loss (nats / token)", title="Global model loss")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, out / "loss.png", ncol=2)
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     per_round = audit_json.get("record_rounds") or []
@@ -223,17 +220,21 @@ def _plots(
            title="Privacy spent per silo")  # fmt: skip
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, frameon=False)
-    fig.tight_layout()
-    fig.savefig(out / "privacy.png", dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, out / "privacy.png", ncol=4)
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ax.bar([x - 0.2 for x in xs], [r["bytes_up"] / 1e6 for r in rounds], 0.4, label="up")
     ax.bar([x + 0.2 for x in xs], [r["bytes_down"] / 1e6 for r in rounds], 0.4, label="down")
     ax.set_xticks(xs)
     ax.set(xlabel="round", ylabel="MB per round (all clouds)", title="Bytes on the wire")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    _finish(fig, ax, out / "bytes.png", ncol=2)
+
+
+def _finish(fig: Any, ax: Any, path: Path, ncol: int) -> None:
+    """Legend below the axes (never on the data), then write and close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "bytes.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -80,6 +80,16 @@ def _rechain(path: Path, key: Any, entries: list[dict[str, Any]]) -> None:
     path.write_bytes(b"".join(lines))
 
 
+def _audit(ledger: Path, kit: Path) -> tuple[int, dict[str, Any]]:
+    """``secure-xfl audit LEDGER --kit KIT --json`` as a user runs it: (exit code, report)."""
+    done = subprocess.run(
+        [*CLI, "audit", str(ledger), "--kit", str(kit), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
 def test_each_silo_runs_its_own_record_dp_and_budget(tmp_path: Path) -> None:
     record = {"enabled": True, "target_epsilon": TARGET, "max_grad_norm": 1.0}
     root = live.provision_run(
@@ -124,12 +134,8 @@ def test_each_silo_runs_its_own_record_dp_and_budget(tmp_path: Path) -> None:
     state = json.loads((root / f"client-{FRUGAL}" / "state" / "record-dp.json").read_text())
     assert [x["round"] for x in state["entries"]] == [0]
 
-    audit = subprocess.run(
-        [*CLI, "audit", str(ledger_path), "--kit", str(kh), "--json"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert audit.returncode == 0, audit.stdout + audit.stderr
-    report = json.loads(audit.stdout)
+    code, report = _audit(ledger_path, kh)
+    assert code == 0, report
     silos = report["per_silo"]
     assert {c: s["rounds"] for c, s in silos.items()} == {"alpha": 2, "beta": 2, FRUGAL: 1}
     for c, s in silos.items():
@@ -147,11 +153,7 @@ def test_each_silo_runs_its_own_record_dp_and_budget(tmp_path: Path) -> None:
     wire[0][15][3] = 5.0  # σ_r in the signed statement
     items[i] = {**items[i], "signed": msgpack.packb(wire, use_bin_type=True).hex()}
     _rechain(ledger_path, pem.load_private_key(kh / "key.pem"), entries)
-    forged = subprocess.run(
-        [*CLI, "audit", str(ledger_path), "--kit", str(kh), "--json"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert forged.returncode == 2, forged.stdout + forged.stderr
-    verdict = json.loads(forged.stdout)
+    code, verdict = _audit(ledger_path, kh)
+    assert code == 2, verdict
     assert verdict["status"] == "INVALID"
     assert any(FRUGAL in p and "signature" in p for p in verdict["problems"]), verdict
