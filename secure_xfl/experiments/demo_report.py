@@ -30,10 +30,12 @@ def _eps(x: Any) -> str:
 
 
 def _rounds(records: list[dict[str, Any]], base: dict[str, Any] | None) -> list[dict[str, Any]]:
-    ref = {r["round"]: r["loss"] for r in (base or {}).get("rounds", [])}
+    # Rounds are numbered from 0 everywhere (logs, ledger, audit, this report); the
+    # baseline simulation counts completed rounds from 1.
+    ref = {r["round"] - 1: r["loss"] for r in (base or {}).get("rounds", [])}
     out = []
     for r in records:
-        n = r["round"] + 1
+        n = r["round"]
         out.append({
             "round": n, "loss": r.get("loss"), "perplexity": r.get("perplexity"),
             "accuracy": r.get("accuracy"), "bytes_up": r["bytes_up"],
@@ -186,7 +188,7 @@ def _plots(
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    xs = [r["round"] for r in rounds]
+    xs = [r["round"] + 1 for r in rounds]  # position 0 is the initial model
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     lead = [0] if initial_loss is not None else []
     first = [initial_loss] if initial_loss is not None else []
@@ -195,8 +197,9 @@ def _plots(
         bx = [0] + [r["round"] for r in baseline["rounds"]]
         by = [baseline["initial"]["loss"]] + [r["loss"] for r in baseline["rounds"]]
         ax.plot(bx, by, marker="s", linestyle="--", label="non-private baseline")
-    ax.set_xticks(lead + xs)
-    ax.set(xlabel="round", ylabel="held-out loss (nats / token)", title="Global model loss")
+    ax.set_xticks(lead + xs, (["start"] if lead else []) + [str(x - 1) for x in xs])
+    ax.set(xlabel="after round", ylabel="held-out loss (nats / token)",
+           title="Global model loss")  # fmt: skip
     ax.grid(alpha=0.3)
     _finish(fig, ax, out / "loss.png", ncol=2)
 
@@ -207,7 +210,7 @@ def _plots(
     # keep every one visible.
     styles = [("o", "-", 9), ("s", "--", 7), ("^", ":", 5), ("D", "-.", 4)]
     for k, silo in enumerate(silos):
-        pts = [(i + 1, row[silo]) for i, row in enumerate(per_round) if silo in row]
+        pts = [(row["round"], row[silo]) for row in per_round if silo in row]
         marker, dash, size = styles[k % len(styles)]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=dash,
                 markersize=size, label=silo)  # fmt: skip
@@ -216,17 +219,24 @@ def _plots(
         ax.axhline(budget, color="tab:red", linestyle=":", label=f"budget ε = {budget:g}")
     if not silos:
         ax.text(0.5, 0.5, "no record-level DP in this run", ha="center", transform=ax.transAxes)
-    ax.set(xlabel="decryption (round, retries included)", ylabel="record-level ε (PLD)",
+    ax.set(xlabel="round (a retried round adds a point)", ylabel="record-level ε (PLD)",
            title="Privacy spent per silo")  # fmt: skip
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     _finish(fig, ax, out / "privacy.png", ncol=4)
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.bar([x - 0.2 for x in xs], [r["bytes_up"] / 1e6 for r in rounds], 0.4, label="up")
-    ax.bar([x + 0.2 for x in xs], [r["bytes_down"] / 1e6 for r in rounds], 0.4, label="down")
-    ax.set_xticks(xs)
-    ax.set(xlabel="round", ylabel="MB per round (all clouds)", title="Bytes on the wire")
+    up = [r["bytes_up"] / 1e6 for r in rounds]
+    per_cloud = sum(u / max(1, len(r["participants"])) for u, r in zip(up, rounds, strict=True))
+    ax.bar([x - 0.2 for x in xs], up, 0.4, label="up (all clouds)")
+    ax.bar([x + 0.2 for x in xs], [r["bytes_down"] / 1e6 for r in rounds], 0.4,
+           label="down (all clouds)")  # fmt: skip
+    ax.set_xticks(xs, [str(x - 1) for x in xs])
+    ax.set(
+        xlabel="round",
+        ylabel="MB per round",
+        title=f"Bytes on the wire (≈ {per_cloud / len(rounds):.2f} MB up per cloud per round)",
+    )
     _finish(fig, ax, out / "bytes.png", ncol=2)
 
 

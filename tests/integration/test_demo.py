@@ -25,7 +25,7 @@ def test_demo_runs_and_its_ledger_audits_clean(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     rounds = report["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["round"] for r in rounds] == [0, 1]  # numbered like the logs and the ledger
     for r in rounds:
         assert set(r) >= {
             "round",
