@@ -1,8 +1,6 @@
-"""Three clients protect random updates, the aggregator sums them blind, the key holder decrypts.
+"""Three clients, client-level DP, blind aggregation, a signed ledger and its audit.
 
-Run: .venv/bin/python examples/quickstart.py
-Exits non-zero when the decrypted weighted average is off by more than the
-preset's stated error bound.
+Run: .venv/bin/python examples/quickstart.py   (offline, a few seconds)
 """
 
 from __future__ import annotations
@@ -11,83 +9,138 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from cryptography.hazmat.primitives.asymmetric import ec
 
 import secure_xfl as sx
 
+CLIENTS = {"hospital": 1200, "bank": 3000, "lab": 800}  # name: training samples
+WEIGHT_CAP = 5000.0  # public cap, so every client's weight samples/cap lies in (0, 1]
+# Client-level DP: each client clips its whole update to C and adds N(0, σ²C²/K).
+DP = sx.DPConfig(clip_norm=1.0, noise_multiplier=1.0, min_clients=3)
 
-def main() -> int:
-    preset = sx.get_preset(sx.DEFAULT_PRESET)
-    # Key holder: the only party with the secret key.
-    secret_ctx = sx.generate_context(preset)
-    # Everyone else gets the public context (bytes), which cannot decrypt.
-    public_ctx = sx.load_context(sx.public_context_bytes(secret_ctx), require_secret=False)
 
-    # Each client has a signing key (in a deployment: its mTLS certificate key).
-    clients = {
-        name: ec.generate_private_key(ec.SECP256R1()) for name in ("hospital", "bank", "lab")
-    }
-    samples = {"hospital": 1200, "bank": 3000, "lab": 800}
-    updates = {
-        name: {"lora_A": torch.randn(8, 512) * 0.01, "lora_B": torch.randn(512, 8) * 0.01}
-        for name in clients
-    }
-    layout = sx.layout_of(updates["hospital"])
-    print(f"update: {layout.numel} parameters in {len(layout.specs)} tensors, preset {preset.name}")
+def main(out: Path) -> int:
+    # 1. Provision a CA and one kit per party. Kits default to record-level DP-SGD in
+    #    each silo ([privacy.record]), which needs training; this program trains nothing,
+    #    so it turns that off and relies on client-level DP on the whole update instead.
+    cfg = sx.KitConfig(
+        federation=sx.FederationSettings(run="quickstart", min_clients=DP.min_clients),
+        privacy=sx.PrivacySettings(
+            clip_norm=DP.clip_norm,
+            noise_multiplier=DP.noise_multiplier,
+            delta=DP.delta,
+            record=sx.RecordPrivacySettings(enabled=False),
+        ),
+    )
+    kits = sx.provision(out / "federation", federation="demo", clients=CLIENTS, cfg=cfg)
+    run = cfg.federation.run
+    preset = sx.get_preset(cfg.federation.preset)
 
-    # Aggregator: sums ciphertexts, weighted by sample count (FedAvg).
+    # 2. Each client loads its own kit (public CKKS context, its signing key) and
+    #    protects its update: clip, pre-weight, noise, encrypt, sign.
+    plain, uploads = {}, {}
+    for name, samples in CLIENTS.items():
+        kit = sx.Kit.load(kits[f"client-{name}"], role="client")
+        update = {"lora_A": torch.randn(8, 64) * 0.01, "lora_B": torch.randn(64, 8) * 0.01}
+        layout = sx.layout_of(update)  # the same for every client
+        plain[name] = sx.flatten(update, layout)
+        protected = sx.protect_update(
+            update,
+            ctx=kit.public_context(),
+            preset=preset,
+            run=run,
+            round=0,
+            client=name,
+            signing_key=kit.tls.private_key,
+            dp=DP,  # required: dp=None means no DP at all, and is logged as a warning
+            weight=samples / WEIGHT_CAP,
+            weighting="client",
+        )
+        uploads[name] = protected.encode()
+
+    # 3. The aggregator sums ciphertexts (it has no secret key) and checks signatures.
+    agg_kit = sx.Kit.load(kits["aggregator"], role="aggregator")
+    certs = agg_kit.client_certificates()
     acc = sx.Accumulator(
-        ctx=public_ctx,
+        ctx=agg_kit.public_context(),
         preset=preset,
-        run="quickstart",
+        run=run,
         round=0,
         layout_digest=layout.digest,
         numel=layout.numel,
-        key_for=lambda name: clients[name].public_key(),
-        weight_scale=float(max(samples.values())),
+        key_for=lambda client: certs[client],
+        weighting="client",
     )
-    wire_bytes = 0
-    for name, key in clients.items():
-        protected = sx.protect_update(
-            updates[name],
-            layout=layout,
-            ctx=public_ctx,
-            preset=preset,
-            run="quickstart",
-            round=0,
-            client=name,
-            signing_key=key,
-            weight=samples[name],
-        )
-        blob = protected.encode()
-        wire_bytes += len(blob)
+    for name, blob in uploads.items():
         acc.add(blob, peer=name)
-    print(f"aggregator summed {acc.count} updates, {wire_bytes / 3 / layout.numel:.1f} bytes/param")
+    aggregate = acc.result().encode()
 
-    with tempfile.TemporaryDirectory() as state:
-        holder = sx.KeyHolder(
-            ctx=secret_ctx,
-            preset=preset,
-            policy=sx.KeyHolderPolicy(run="quickstart", min_clients=3),
-            client_keys={n: k.public_key() for n, k in clients.items()},
-            state_dir=Path(state),
+    # 4. The key holder decrypts under its own kit's policy, and writes a signed ledger
+    #    line (after_release) before the plaintext leaves. Its state_dir must outlive
+    #    the run: it is what makes each round decrypt once (here it is temporary, so
+    #    KeyHolder warns).
+    kh = sx.Kit.load(kits["keyholder"], role="keyholder")
+    p = kh.config.privacy
+    state = kh.path / "state"
+    state.mkdir(mode=0o700)
+    ledger = sx.PrivacyLedger(state / "ledger.jsonl", kh.tls.private_key)
+    enrolled = kh.client_certificates()
+
+    def record(release: sx.Release) -> None:
+        rate = len(release.participants) / len(enrolled)
+        budget = ledger.budget(release.run, p.delta)
+        eps, worst, _ = budget.projected(release.noise_multiplier, rate, release.participants)
+        ledger.append(
+            run=release.run,
+            round=release.round,
+            participants=release.participants,
+            enrolled=len(enrolled),
+            clip_norm=release.clip_norm,
+            noise_multiplier=release.noise_multiplier,
+            sample_rate=rate,
+            delta=p.delta if release.delta is None else release.delta,
+            rule=kh.config.round.rule,
+            epsilon=eps,
+            client_epsilon=worst,
+            statements=[
+                sx.ledger_statement(s, enrolled[s.statement.client]) for s in release.statements
+            ],
+            weight_scale=release.weight_scale,
         )
-        result = holder.decrypt(acc.result().encode())
-        holder.close()
 
-    flat = {n: sx.flatten(u, layout) for n, u in updates.items()}
-    expected = sum(samples[n] * flat[n] for n in clients) / sum(samples.values())
-    err = float(np.abs(result.vector - expected).max())
-    max_abs = max(float(np.abs(v).max()) for v in flat.values())
-    total_mult = sum(result.release.weights)
-    bound = preset.error_bound(max_abs, len(clients), total_mult)
-    averaged = sx.unflatten(result.vector, layout)
-    print(f"decrypted FedAvg of {result.release.participants}: tensors {sorted(averaged)}")
-    print(f"max |error| vs plaintext weighted average: {err:.3e} (bound {bound:.3e})")
-    return 0 if err <= bound else 1
+    holder = sx.KeyHolder(
+        ctx=kh.secret_context(),
+        preset=preset,
+        policy=sx.KeyHolderPolicy(
+            run=kh.config.federation.run,
+            min_clients=kh.config.federation.min_clients,
+            dp=kh.config.dp_spec(),  # every client must have signed at least this DP
+            allow_no_dp=False,
+        ),
+        client_keys=enrolled,
+        state_dir=state,
+        after_release=record,
+    )
+    result = holder.decrypt(aggregate)
+    holder.close()
+    ledger.close()
+
+    # The release is the weighted average plus DP noise of std σC·√(n/K) / Σw.
+    weights = {n: s / WEIGHT_CAP for n, s in CLIENTS.items()}
+    total = sum(weights.values())
+    expected = sum(weights[n] * plain[n] for n in CLIENTS) / total
+    noise = float((result.vector - expected).std())
+    want = DP.noise_multiplier * DP.clip_norm * (len(CLIENTS) / DP.min_clients) ** 0.5 / total
+    print(f"decrypted FedAvg of {list(result.release.participants)}: {layout.numel} values, "
+          f"noise std {noise:.3f} (expected {want:.3f})")  # fmt: skip
+
+    # 5. Anyone holding the CA certificate can audit the ledger and recompute ε.
+    report = sx.audit(state / "ledger.jsonl", kh.tls.cert, ca=out / "federation/ca/ca.pem")
+    print(f"audit {report.status}: ε = {report.epsilon['rdp']:.3f} at δ = {report.delta:g} "
+          f"after {report.rounds} round(s)")  # fmt: skip
+    return 0 if report.ok and 0.8 < noise / want < 1.25 else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with tempfile.TemporaryDirectory() as tmp:
+        sys.exit(main(Path(tmp)))

@@ -11,9 +11,19 @@ from secure_xfl.errors import SecureXFLError
 __all__ = ["main"]
 
 
+_EPILOG = """\
+examples:
+  secure-xfl audit fed/keyholder/state/ledger.jsonl --kit fed/keyholder
+  secure-xfl audit demo-out/ledger.jsonl --ca demo-out/ca.pem --budget 2 --json
+"""
+
+
 def _audit_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from secure_xfl.cli_args import CliParser
+
+    p = CliParser(
         prog="secure-xfl audit",
+        epilog=_EPILOG,
         description="Verify a privacy ledger, its signer and the clients' signed statements "
         "against the federation CA, and recompute the (ε, δ) it records, refused decryptions "
         "included. Exit 0: authentic, intact and within budget; 1: budget exceeded or a claim "
@@ -86,6 +96,8 @@ def main(argv: list[str]) -> int:
     ledger, ca, crl, cert, federation = Path(opts.ledger), opts.ca, opts.crl, opts.cert, None
     budget, record_budget = opts.budget, None
     try:
+        if not ledger.exists():
+            raise AuditError(f"no ledger at {ledger}: no such file")
         if opts.kit:  # the trust anchor comes from the auditor's kit, never beside the ledger
             kit = kit_trust(opts.kit)
             if budget is None:

@@ -95,6 +95,11 @@ def provision(
     names = list(clients)
     if len(set(names)) != len(names) or not names:
         raise ConfigError("client names must be unique and at least one is needed")
+    # Check every name before writing anything: a bad one must not leave a half-made folder.
+    for role, name in (("keyholder", "main"), *(("client", n) for n in names)):
+        pki.PeerIdentity(federation, role, name)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; refusing to overwrite a federation")
     base = cfg or KitConfig()
@@ -137,18 +142,42 @@ def _add_client(
     return kit
 
 
+def _check_federation(out: Path) -> None:
+    """``out`` is a folder made by :func:`provision` (its CA and aggregator kit are there)."""
+    for part in ("ca/ca.pem", "ca/ca-key.pem", "ca/revoked.json", "aggregator/config.toml"):
+        if not (out / part).is_file():
+            raise ConfigError(
+                f"{out} is not a federation folder made by 'secure-xfl provision' "
+                f"(no {part}); create one with --federation and --clients"
+            )
+
+
 def add_client(out: Path, name: str) -> Path:
     """Enrol one more client into an existing federation folder."""
+    _check_federation(out)
+    cfg = load_config(out / "aggregator" / "config.toml")
+    pki.PeerIdentity(cfg.federation.name, "client", name)  # a valid name, or PkiError
+    kit = _party_dir(out, "client", name)
+    if kit.exists():
+        raise ConfigError(
+            f"client {name!r} is already enrolled in {out} (kit {kit}); "
+            "pick another name, or --revoke it first to retire its certificate"
+        )
     ca_cert = pem.load_certificate(out / "ca" / "ca.pem")
     ca_key = pem.load_private_key(out / "ca" / "ca-key.pem")
-    cfg = load_config(out / "aggregator" / "config.toml")
     public = (out / "aggregator" / PUBLIC_CTX).read_bytes()
     return _add_client(out, ca_cert, ca_key, cfg, name, public)  # type: ignore[arg-type]
 
 
 def revoke(out: Path, name: str, role: str = "client") -> int:
     """Revoke a party's certificate; writes the new CRL into every kit. Returns its serial."""
+    _check_federation(out)
     kit = _party_dir(out, role, name)
+    if not (kit / "cert.pem").is_file():
+        enrolled = sorted(p.name.removeprefix("client-") for p in out.glob("client-*"))
+        raise ConfigError(
+            f"no {role} {name!r} in {out} (enrolled clients: {', '.join(enrolled) or 'none'})"
+        )
     serial = pem.load_certificate(kit / "cert.pem").serial_number
     revoked = set(json.loads((out / "ca" / "revoked.json").read_text()))
     revoked.add(serial)
@@ -179,7 +208,10 @@ class Kit:
             raise ConfigError(f"{path} is not a startup kit (no config.toml)")
         kit = cls(path, load_config(path / "config.toml"))
         if role is not None and kit.config.party.role != role:
-            raise ConfigError(f"{path} is a {kit.config.party.role} kit, not a {role} kit")
+            raise ConfigError(
+                f"{path} is the {kit.config.party.role}'s startup kit, "
+                f"not a {role}'s: pass the {role}'s kit"
+            )
         if kit.config.party.role != "keyholder" and (path / SECRET_CTX).exists():
             raise ConfigError(f"{path} holds a CKKS secret key but is not the key holder's kit")
         return kit

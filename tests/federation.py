@@ -109,7 +109,9 @@ class Federation:
         )
         return self.ports["aggregator"]
 
-    def start_client(self, name: str, *extra: str) -> Proc:
+    def start_client(self, name: str, *extra: str, trainer: str = "random") -> Proc:
+        """A client process; ``--trainer`` is required by the CLI (a ``--trainer`` in
+        ``extra`` wins, as the last one given)."""
         return self.start(
             f"client-{name}",
             "client",
@@ -117,6 +119,8 @@ class Federation:
             str(self.root / f"client-{name}"),
             "--aggregator",
             f"127.0.0.1:{self.ports['aggregator']}",
+            "--trainer",
+            trainer,
             *extra,
         )
 

@@ -64,13 +64,21 @@ def _start(
 
 def protected_round(numel: int, preset: str, *, timeout: float = 540.0) -> float:
     """Seconds of round 1 of a 2-round run over the real services."""
-    from secure_xfl.config import FederationSettings, PrivacySettings, RoundSettings
+    from secure_xfl.config import (
+        FederationSettings,
+        PrivacySettings,
+        RecordPrivacySettings,
+        RoundSettings,
+    )
     from secure_xfl.kit import provision
 
     cfg = KitConfig(
         federation=FederationSettings(preset=preset, min_clients=3, rounds=2),
         privacy=PrivacySettings(
-            clip_norm=_DP["clip_norm"], noise_multiplier=_DP["noise_multiplier"]
+            clip_norm=_DP["clip_norm"],
+            noise_multiplier=_DP["noise_multiplier"],
+            # Synthetic updates (--trainer random): client-level DP only, no DP-SGD.
+            record=RecordPrivacySettings(enabled=False),
         ),
         round=RoundSettings(weighting="client", timeout_s=timeout, weight_cap=1000.0),
     )
@@ -104,6 +112,8 @@ def protected_round(numel: int, preset: str, *, timeout: float = 540.0) -> float
                     str(kits / f"client-{c}"),
                     "--aggregator",
                     f"127.0.0.1:{agg_port}",
+                    "--trainer",
+                    "random",
                 ]
                 procs.append(_start(root, f"client-{c}", args, False)[0])
             if agg.wait(timeout=timeout) != 0:

@@ -14,6 +14,7 @@ and a crash or restart can never decrypt a round twice.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,15 @@ class KeyHolder:
         self.before_release = before_release
         self.after_release = after_release
         self.on_refused = on_refused
+        # A new state_dir is normal on a first start; one under the temp dir is the
+        # mistake seen in practice (a fresh KeyHolder per round on a mkdtemp()).
+        state = Path(state_dir).absolute()
+        temp = Path(tempfile.gettempdir()).resolve()
+        if state.resolve().is_relative_to(temp):
+            why = f"lies under {temp}"
+            log.warning("state_dir %s %s: decrypt-each-round-once does not survive a "
+                        "temporary state_dir; keep one state_dir for the whole run",
+                        state, why)  # fmt: skip
         self.record = DecryptionRecord(state_dir)
 
     def already_decrypted(self, run: str, round: int) -> bool:

@@ -10,14 +10,15 @@ report with plots and the audited ledger.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
+import math
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,14 +26,24 @@ from typing import TYPE_CHECKING, Any
 import tomli_w
 from tqdm import tqdm
 
-from secure_xfl.errors import SecureXFLError
+from secure_xfl.config import Rule
+from secure_xfl.errors import ConfigError, SecureXFLError
+from secure_xfl.experiments.supervise import (  # noqa: F401  (re-exported for tests)
+    _SIGNALS,
+    CLI,
+    CLIENT_EXPECTED_EXITS,
+    DemoChildError,
+    _Procs,
+    last_error_line,
+)
 
 if TYPE_CHECKING:
     from secure_xfl.experiments.baseline import BaselineSpec
 
 log = logging.getLogger(__name__)
 
-CLI = [sys.executable, "-m", "secure_xfl.cli"]
+#: Partitionings the demo's data layer knows (``secure-xfl demo --partition``).
+PARTITIONS = ("fixed", "dirichlet", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,48 @@ class DemoConfig:
     server_lr: float = 1.0
     """Server learning rate (η of gradient aggregation; 1 = plain FedAvg)."""
 
+    def __post_init__(self) -> None:
+        """Refuse values no run can work with, before anything is provisioned."""
+
+        def bad(name: str, want: str) -> ConfigError:
+            return ConfigError(f"demo: {name} must be {want} (got {getattr(self, name)!r})")
+
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise bad(name, "a finite number > 0")
+
+        for name in ("rounds", "local_steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(name, "an integer ≥ 1")
+        if not self.clients or len(set(self.clients)) != len(self.clients):
+            raise bad("clients", "one or more distinct names")
+        if self.rule not in typing.get_args(Rule):
+            raise bad("rule", f"one of {', '.join(typing.get_args(Rule))}")
+        if self.partition not in PARTITIONS:
+            raise bad("partition", f"one of {', '.join(PARTITIONS)}")
+        for name in ("local_lr", "clip_norm", "timeout_s", "server_lr"):
+            positive(name)
+        if self.record_dp:
+            positive("epsilon")
+            positive("record_clip")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise bad("noise_multiplier", "a finite number ≥ 0 (0: no client-level noise)")
+        if not 0 < self.delta < 1:
+            raise bad("delta", "in (0, 1)")
+        mc = self.min_clients
+        if isinstance(mc, bool) or not isinstance(mc, int) or not 1 <= mc <= len(self.clients):
+            raise bad("min_clients", f"an integer from 1 to the {len(self.clients)} clients")
+        for name, factor in self.slow.items():
+            if name not in self.clients:
+                raise ConfigError(
+                    f"demo: slow names {name!r}, which is not a client "
+                    f"(clients: {', '.join(self.clients)})"
+                )
+            if not (math.isfinite(factor) and factor >= 0):
+                raise ConfigError(f"demo: slow factor of {name} must be ≥ 0 (got {factor!r})")
+
 
 def _base_config(cfg: DemoConfig) -> dict[str, Any]:
     record = {"enabled": cfg.record_dp, "max_grad_norm": cfg.record_clip,
@@ -105,68 +158,37 @@ def _base_config(cfg: DemoConfig) -> dict[str, Any]:
     }
 
 
-class _Procs:
-    """Child processes with logs, stopped on exit whatever happens."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("wb")
-        # Five processes share the machine: one intra-op thread each avoids the
-        # oversubscription that otherwise slows every training step several-fold.
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        proc = subprocess.Popen([*CLI, *args], stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.procs[name] = proc
-        return proc
-
-    def wait_port(self, name: str, path: Path, timeout: float = 120) -> int:
-        deadline = time.monotonic() + timeout
-        while not path.exists():
-            if self.procs[name].poll() is not None or time.monotonic() > deadline:
-                tail = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise SecureXFLError(f"{name} failed to start:\n{tail}")
-            time.sleep(0.1)
-        return int(path.read_text())
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+def _provision(cfg: DemoConfig, fed: Path, base: Path) -> None:
+    argv = [*CLI, "provision", "--federation", "demo", "--clients", ",".join(cfg.clients),
+            "--out", str(fed), "--config", str(base)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        line = last_error_line(done.stdout + done.stderr) or (done.stderr or "").strip()[-400:]
+        raise SecureXFLError(f"provisioning the demo federation failed: {line}")
 
 
-def run_federation(cfg: DemoConfig, work: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Provision and run one federation; returns (round records, outcome)."""
+def run_federation(
+    cfg: DemoConfig, work: Path, *, log_dest: Path | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Provision and run one federation in ``work``; returns (round records, outcome).
+
+    The children are supervised: one dying (see :meth:`_Procs.problem`) stops the rest
+    and raises :class:`DemoChildError` naming it, its last error and its log (named
+    under ``log_dest``, where the caller copies ``work/logs``, when given)."""
     base = work / "base.toml"
     base.write_text(tomli_w.dumps(_base_config(cfg)))
     fed = work / "federation"
-    subprocess.run(
-        [
-            *CLI,
-            "provision",
-            "--federation",
-            "demo",
-            "--clients",
-            ",".join(cfg.clients),
-            "--out",
-            str(fed),
-            "--config",
-            str(base),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    _provision(cfg, fed, base)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     agg_out = work / "aggregator"
     data = ["--partition", cfg.partition]
-    procs = _Procs(logs)
+    procs = _Procs(logs, log_dest)
+    rounds_file = agg_out / "rounds.jsonl"
+
+    def done() -> int:
+        return rounds_file.read_text().count("\n") if rounds_file.exists() else 0
+
     try:
         procs.start(
             "keyholder",
@@ -179,7 +201,7 @@ def run_federation(cfg: DemoConfig, work: Path) -> tuple[list[dict[str, Any]], d
             str(work / "kh.port"),
         )
         kh = procs.wait_port("keyholder", work / "kh.port")
-        agg = procs.start(
+        procs.start(
             "aggregator",
             "aggregator",
             "--kit",
@@ -211,21 +233,21 @@ def run_federation(cfg: DemoConfig, work: Path) -> tuple[list[dict[str, Any]], d
                 str(cfg.slow.get(name, 0.0)),
                 *data,
             )
-        rounds_file = agg_out / "rounds.jsonl"
-        with tqdm(total=cfg.rounds, desc="federated rounds", unit="round", disable=None) as bar:
-            while agg.poll() is None:
-                done = rounds_file.read_text().count("\n") if rounds_file.exists() else 0
-                bar.update(done - bar.n)
-                time.sleep(0.5)
-            done = rounds_file.read_text().count("\n") if rounds_file.exists() else 0
-            bar.update(done - bar.n)
         outcome_file = agg_out / "outcome.json"
-        if not outcome_file.exists():
-            tail = (logs / "aggregator.log").read_text(errors="replace")[-3000:]
-            raise SecureXFLError(f"the aggregator stopped without an outcome:\n{tail}")
+        with tqdm(total=cfg.rounds, desc="federated rounds", unit="round", disable=None) as bar:
+            procs.supervise(
+                clients=cfg.clients,
+                min_clients=cfg.min_clients,
+                outcome_file=outcome_file,
+                tick=lambda: bar.update(done() - bar.n),
+            )
         outcome = json.loads(outcome_file.read_text())
+        # The clients heard the end before the aggregator wrote its outcome: give them
+        # a moment to exit on their own; stop() ends any that do not.
+        deadline = time.monotonic() + 10
         for name in cfg.clients:
-            procs.procs[name].wait(timeout=60)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                procs.procs[name].wait(timeout=max(0.0, deadline - time.monotonic()))
     finally:
         procs.stop()
     records = [json.loads(line) for line in rounds_file.read_text().splitlines()]
@@ -237,24 +259,44 @@ def run_federation(cfg: DemoConfig, work: Path) -> tuple[list[dict[str, Any]], d
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Run the demo end to end and write its report; returns report.json's content."""
+    """Run the demo end to end and write its report; returns report.json's content.
+
+    The temporary federation (CA key, CKKS secret context) is removed on every way
+    out, Ctrl-C and SIGTERM included; the children's logs are copied to ``out/logs``
+    first."""
     start = time.monotonic()
     cfg.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="secure-xfl-demo-") as tmp:
-        work = Path(tmp)
+    with _SIGNALS.installed():
+        work: Path | None = None
         try:
-            records, outcome = run_federation(cfg, work)
-        finally:
-            if (work / "logs").exists():
-                shutil.copytree(work / "logs", cfg.out / "logs", dirs_exist_ok=True)
-        if not records:
-            raise SecureXFLError(f"no round completed: {outcome['outcome']}")
-        initial = work / "aggregator" / "initial.json"
-        outcome["initial"] = json.loads(initial.read_text()) if initial.exists() else None
-        baseline = run_baseline(cfg) if cfg.baseline else None
-        from secure_xfl.experiments.demo_report import write_report
+            with _SIGNALS.deferred():
+                work = Path(tempfile.mkdtemp(prefix="secure-xfl-demo-"))
+            records, outcome = run_federation(cfg, work, log_dest=cfg.out / "logs")
+            if not records:
+                raise SecureXFLError(f"no round completed: {outcome['outcome']}")
+            initial = work / "aggregator" / "initial.json"
+            outcome["initial"] = json.loads(initial.read_text()) if initial.exists() else None
+            baseline = run_baseline(cfg) if cfg.baseline else None
+            from secure_xfl.experiments.demo_report import write_report
 
-        return write_report(cfg, records, outcome, time.monotonic() - start, baseline)
+            return write_report(cfg, records, outcome, time.monotonic() - start, baseline)
+        finally:
+            if work is not None:
+                with _SIGNALS.deferred():
+                    _clean_up(work, cfg.out / "logs")
+
+
+def _clean_up(work: Path, logs_dest: Path) -> None:
+    """Copy the logs out of ``work``, then remove it (it holds the federation's keys)."""
+    try:
+        if (work / "logs").exists():
+            shutil.copytree(work / "logs", logs_dest, dirs_exist_ok=True)
+    except OSError as exc:
+        log.warning("could not copy the demo's logs to %s: %s", logs_dest, exc)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if work.exists():
+            log.error("could not remove %s (it holds the demo's CA key): remove it", work)
 
 
 def baseline_spec(cfg: DemoConfig) -> BaselineSpec:

@@ -38,14 +38,28 @@ from secure_xfl.protocol.client import (
     Trained,
 )
 from secure_xfl.protocol.plan import ClientPolicy
-from secure_xfl.services.runtime import Peer, install_stop_signals
+from secure_xfl.services.runtime import (
+    GaveUp,
+    Peer,
+    PermanentFailure,
+    install_stop_signals,
+)
 from secure_xfl.training.trainer import Trainer
 from secure_xfl.transport.errors import RemoteError
 
 log = logging.getLogger("secure_xfl.client")
 
+#: Exit status of a run that ended well.
+EXIT_OK = 0
+#: Exit status of a run that did not end well, including a client that gave up on an
+#: aggregator it could not reach within ``transport.connect_deadline_s``.
+EXIT_FAILED = 1
 #: Exit status of a client whose own policy refused the aggregator's plans.
 EXIT_REFUSED = 3
+#: Exit status of a permanent connection or authentication failure, never retried: a
+#: certificate refused (by either side), the peer at the address is not the aggregator
+#: (``wrong_role``), this client is not enrolled or is revoked, another TLS failure.
+EXIT_PERMANENT = 4
 
 _EXPECT = {"hello": {"welcome"}, "task": {"round", "wait", "done"}, "decline": {"ack"}}
 
@@ -265,14 +279,17 @@ class ClientService:
 
 
 def exit_status(service: ClientService, ok: bool) -> int:
-    """0: the run ended well; 3: this client's policy refused the plans; 1: otherwise."""
+    """0: the run ended well; 3: this client's policy refused the plans; 1: otherwise
+    (4, a permanent connection failure, is decided by :func:`serve_client`)."""
     if service.outcome is not None and service.outcome.refused:
         return EXIT_REFUSED
-    return 0 if ok else 1
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 async def serve_client(kit: Kit, *, aggregator: str, trainer: Trainer) -> int:
-    """Run one client until the run ends or SIGTERM; returns its exit status."""
+    """Run one client until the run ends or SIGTERM; returns its exit status:
+    :data:`EXIT_OK`, :data:`EXIT_FAILED` (also: gave up on an unreachable aggregator),
+    :data:`EXIT_REFUSED` or :data:`EXIT_PERMANENT` (one ERROR line names the cause)."""
     stop = asyncio.Event()
     install_stop_signals(stop)
     service = ClientService(kit, aggregator=aggregator, trainer=trainer)
@@ -288,6 +305,14 @@ async def serve_client(kit: Kit, *, aggregator: str, trainer: Trainer) -> int:
             with contextlib.suppress(asyncio.CancelledError):
                 await work
             log.info("stopped by signal")
-            return 1
+            return EXIT_FAILED
     stopped.cancel()
-    return exit_status(service, work.result())
+    try:
+        ok = work.result()
+    except PermanentFailure as exc:
+        log.error("permanent failure, not retrying: %s", exc)
+        return EXIT_PERMANENT
+    except GaveUp as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
+    return exit_status(service, ok)

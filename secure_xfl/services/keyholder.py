@@ -170,6 +170,20 @@ class KeyHolderService:
             "cert": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
         }
 
+    def _note_run_complete(self, run: str, round: int) -> None:
+        """After the last round of this kit's run (``federation.rounds``, 0-based): say
+        so once. The key holder stays up (a next run, a late audit query) until SIGTERM."""
+        rounds = self.kit.config.federation.rounds
+        if run != self.kit.config.federation.run or round != rounds - 1:
+            return
+        released = sum(self.ledger.released(run, r) for r in range(rounds))
+        log.info(
+            "run %s complete (%d rounds released); staying up for the next run — "
+            "send SIGTERM to stop",
+            run,
+            released,
+        )
+
     # -- requests ----------------------------------------------------------------------
     async def handle(self, peer: PeerIdentity, data: bytes) -> bytes:
         msg = messages.decode(data, expect={"decrypt", "status"})
@@ -189,6 +203,7 @@ class KeyHolderService:
             result = await asyncio.to_thread(self.holder.decrypt, blob)
         rel = result.release
         log.info("released round %d of run %s to %s", rel.round, rel.run, peer)
+        self._note_run_complete(rel.run, rel.round)
         return messages.encode(
             "plain",
             round=rel.round,

@@ -1,21 +1,32 @@
-"""What every long-running role shares: logging, signals, addresses, calls with backoff."""
+"""What every long-running role shares: logging, signals, addresses, calls with backoff
+(permanent failures told from transient ones)."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from secure_xfl.errors import ConfigError, TransportError
 from secure_xfl.protocol import messages
 from secure_xfl.transport.config import TlsIdentity, TransportConfig
-from secure_xfl.transport.errors import RemoteError
+from secure_xfl.transport.errors import (
+    CallTimeout,
+    ConnectionClosed,
+    HandshakeFailed,
+    PeerRejected,
+    RemoteError,
+    ServerBusy,
+    StreamReset,
+    StreamTimeout,
+)
 from secure_xfl.transport.rpc import RpcClient
 
 log = logging.getLogger(__name__)
@@ -72,8 +83,171 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+class Failure(enum.Enum):
+    """What a failed connect or call means for the caller (see :func:`classify`)."""
+
+    PERMANENT = "permanent"
+    """Connecting or authenticating cannot succeed by retrying: a certificate refused
+    (by us or by the peer), the peer is not of the expected role, this party is not
+    enrolled or is revoked, another TLS failure. Raised at once as
+    :class:`PermanentFailure`."""
+    TRANSIENT = "transient"
+    """The peer may answer later: no response, handshake timeout, connection refused or
+    dropped, a call timed out, ``busy``. Retried with backoff until the deadline."""
+    REFUSED = "refused"
+    """The peer answered and refused this request (``round_closed``, ``plan_mismatch``,
+    ``decryption_refused``, ...): the connection is fine and retrying the same request
+    would not help; the caller decides (it gets the :class:`RemoteError`)."""
+
+
+#: Remote error codes that are a permanent authentication failure of this party.
+PERMANENT_REMOTE_CODES = frozenset({"not_enrolled", "peer_rejected"})
+#: Remote error codes that only mean "not now".
+TRANSIENT_REMOTE_CODES = frozenset({"busy"})
+
+_TRANSIENT_ERRORS = (
+    ConnectionClosed,
+    CallTimeout,
+    StreamReset,
+    StreamTimeout,
+    ServerBusy,
+    TimeoutError,
+    OSError,  # connection refused, unreachable network, name resolution
+)
+
+
+def classify(exc: BaseException) -> Failure:
+    """Tell a permanent failure from a transient one (and from a refused request)."""
+    if isinstance(exc, PermanentFailure | PeerRejected):
+        return Failure.PERMANENT
+    if isinstance(exc, HandshakeFailed):  # TooManyConnections: refusal is None
+        return Failure.TRANSIENT if exc.refusal is None else Failure.PERMANENT
+    if isinstance(exc, RemoteError):
+        if exc.code in PERMANENT_REMOTE_CODES:
+            return Failure.PERMANENT
+        return Failure.TRANSIENT if exc.code in TRANSIENT_REMOTE_CODES else Failure.REFUSED
+    if isinstance(exc, (GaveUp, *_TRANSIENT_ERRORS)):  # GaveUp: transient, out of time
+        return Failure.TRANSIENT
+    return Failure.REFUSED  # e.g. a message too large, a malformed reply: not the network
+
+
+def failure_cause(exc: BaseException) -> str:
+    """A short machine-readable cause: the refusal reason, remote code or error code."""
+    if isinstance(exc, PermanentFailure):
+        return exc.cause
+    if isinstance(exc, HandshakeFailed) and exc.refusal is not None:
+        return exc.refusal
+    if isinstance(exc, PeerRejected):
+        return exc.reason
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, str) else type(exc).__name__
+
+
+class PermanentFailure(TransportError):
+    """A peer cannot be reached or authenticated and retrying cannot change that;
+    ``cause`` names why (``wrong_role``, ``revoked``, ``not_enrolled``, ...)."""
+
+    code = "permanent_failure"
+
+    def __init__(self, peer: str, error: BaseException) -> None:
+        self.peer = peer
+        self.cause = failure_cause(error)
+        self.error = error
+        super().__init__(f"{peer}: {_CAUSES.get(self.cause, self.cause)} ({error})")
+
+
+class GaveUp(TransportError):
+    """Transient failures went on past the deadline; ``last`` is the last of them."""
+
+    code = "gave_up"
+
+    def __init__(self, peer: str, elapsed_s: float, attempts: int, last: BaseException) -> None:
+        self.peer = peer
+        self.elapsed_s = elapsed_s
+        self.attempts = attempts
+        self.last = last
+        super().__init__(
+            f"gave up after {elapsed_s:.1f} s: {peer}: {last} "
+            f"({attempts} attempt{'s' if attempts != 1 else ''})"
+        )
+
+
+#: Plain words for the usual permanent causes (log lines).
+_CAUSES = {
+    "wrong_role": "wrong role: the peer's certificate is not of the role expected at this "
+    "address (wrong port?)",
+    "wrong_federation": "the peer belongs to another federation",
+    "untrusted": "certificate not issued by the federation CA",
+    "bad_certificate": "certificate refused",
+    "unknown_ca": "certificate not issued by the federation CA",
+    "access_denied": "refused by the peer (wrong role or federation)",
+    "expired": "certificate expired",
+    "certificate_expired": "certificate expired",
+    "not_yet_valid": "certificate not yet valid",
+    "revoked": "certificate revoked",
+    "certificate_revoked": "certificate revoked",
+    "no_certificate": "no certificate presented",
+    "not_enrolled": "this party is not enrolled in the run",
+}
+
+
+class Backoff:
+    """Exponential backoff with jitter, bounded by a deadline from the first attempt.
+
+    ``clock``, ``sleep`` and ``jitter`` are injectable so the schedule can be tested
+    without waiting.
+    """
+
+    def __init__(
+        self,
+        deadline_s: float,
+        *,
+        initial_s: float = 0.2,
+        max_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.clock, self.sleep, self.jitter = clock, sleep, jitter
+        self.start = clock()
+        self.deadline = self.start + deadline_s
+        self.delay = initial_s
+        self.max_s = max_s
+        self.attempts = 0
+        """Failed attempts so far."""
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (never negative)."""
+        return max(0.0, self.deadline - self.clock())
+
+    async def wait(self, peer: str, failure: BaseException) -> None:
+        """After a transient failure: sleep ``delay x [0.5, 1.5)`` (doubling, capped), or
+        raise :class:`GaveUp` if that would reach the deadline."""
+        self.attempts += 1
+        now = self.clock()
+        pause = self.delay * (0.5 + self.jitter())
+        if now + pause >= self.deadline:
+            raise GaveUp(peer, now - self.start, self.attempts, failure) from failure
+        log.info(
+            "%s: %s; attempt %d failed, retrying in %.1fs (giving up in %.0fs)",
+            peer,
+            failure,
+            self.attempts,
+            pause,
+            self.deadline - now,
+        )
+        await self.sleep(pause)
+        self.delay = min(self.delay * 2, self.max_s)
+
+
 class Peer:
-    """A reconnecting RPC client: exponential backoff with jitter on transport errors."""
+    """A reconnecting RPC client that knows a permanent failure from a transient one.
+
+    Transient failures (see :func:`classify`) are retried with exponential backoff and
+    jitter until ``max_wait_s`` (default: the transport's ``connect_deadline_s``), then
+    :class:`GaveUp` is raised; permanent ones raise :class:`PermanentFailure` at once;
+    a request the peer refused raises its :class:`RemoteError`.
+    """
 
     def __init__(
         self,
@@ -82,41 +256,41 @@ class Peer:
         role: str,
         address: str,
         config: TransportConfig,
-        max_wait_s: float = 120.0,
+        max_wait_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self.tls = tls
         self.role = role
         self.host, self.port = parse_address(address)
         self.config = config
-        self.max_wait_s = max_wait_s
+        self.max_wait_s = config.connect_deadline_s if max_wait_s is None else max_wait_s
+        self._clock, self._sleep, self._jitter = clock, sleep, jitter
         self._client: RpcClient | None = None
 
-    async def _connect(self) -> RpcClient:
-        delay, deadline = 0.2, time.monotonic() + self.max_wait_s
-        while True:
-            client = RpcClient(
-                tls=self.tls,
-                server_role=self.role,
-                host=self.host,
-                port=self.port,
-                config=self.config,
-            )
-            try:
-                await client.connect()
-                return client
-            except TransportError as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.info(
-                    "%s at %s:%d not reachable (%s); retrying in %.1fs",
-                    self.role,
-                    self.host,
-                    self.port,
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter
-                delay = min(delay * 2, 5.0)
+    @property
+    def label(self) -> str:
+        """``<role> at host:port`` for log lines."""
+        return f"{self.role} at {self.host}:{self.port}"
+
+    def backoff(self) -> Backoff:
+        """A fresh retry schedule for one call."""
+        return Backoff(self.max_wait_s, clock=self._clock, sleep=self._sleep, jitter=self._jitter)
+
+    def _new_client(self) -> RpcClient:
+        return RpcClient(
+            tls=self.tls, server_role=self.role, host=self.host, port=self.port, config=self.config
+        )
+
+    async def _connect(self, backoff: Backoff) -> RpcClient:
+        client = self._new_client()
+        try:
+            await client.connect(timeout=max(0.1, backoff.remaining()))
+        except BaseException:
+            await client.close()
+            raise
+        return client
 
     async def call(
         self,
@@ -126,22 +300,28 @@ class Peer:
         timeout: float | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
-        """Send one message; reconnect once on a dropped connection; return the reply."""
+        """Send one message (connecting first if needed); return the decoded reply."""
         payload = messages.encode(msg_type, **fields)
-        for attempt in (1, 2):
-            if self._client is None:
-                self._client = await self._connect()
+        backoff = self.backoff()
+        while True:
+            connected = self._client is not None
             try:
+                if self._client is None:
+                    self._client = await self._connect(backoff)
                 reply = await self._client.call(payload, timeout=timeout)
-                return messages.decode(reply, expect=expect)
-            except RemoteError:
-                raise
-            except TransportError as exc:
-                await self.close()
-                if attempt == 2:
+            except (TransportError, OSError) as exc:
+                kind = classify(exc)
+                if kind is Failure.REFUSED:
                     raise
-                log.warning("call to %s failed (%s); reconnecting", self.role, exc)
-        raise AssertionError("unreachable")
+                if not isinstance(exc, RemoteError):
+                    await self.close()  # the connection is gone or never was
+                if kind is Failure.PERMANENT:
+                    raise PermanentFailure(self.label, exc) from exc
+                if connected and not isinstance(exc, RemoteError):
+                    log.warning("call to %s failed (%s); reconnecting", self.label, exc)
+                await backoff.wait(self.label, exc)
+            else:
+                return messages.decode(reply, expect=expect)
 
     async def close(self) -> None:
         """Drop the connection (a later call reconnects)."""

@@ -43,6 +43,12 @@ class TransportConfig:
     handshake_timeout_s: float = 10.0
     """A connection whose handshake (including certificate checks and the peer's
     confirmation) does not finish within this is abandoned."""
+    connect_deadline_s: float = 300.0
+    """How long a party keeps retrying a peer it cannot reach (no response, handshake
+    timeout, connection dropped, ``busy``) before giving up, with exponential backoff
+    and jitter between attempts; counted from the first attempt of each call. A
+    permanent failure (a refused certificate, the wrong role, not enrolled, revoked)
+    is never retried."""
     idle_timeout_s: float = 60.0
     """QUIC idle timeout: a connection with no traffic for this long is closed."""
     stream_timeout_s: float = 60.0
@@ -99,7 +105,12 @@ class TransportConfig:
                 f"max_datagram_size must be within [1200, {MAX_DATAGRAM_SIZE}]: aioquic "
                 "encodes frame lengths in 2 bytes, so bigger datagrams corrupt streams"
             )
-        for name in ("handshake_timeout_s", "idle_timeout_s", "stream_timeout_s"):
+        for name in (
+            "handshake_timeout_s",
+            "connect_deadline_s",
+            "idle_timeout_s",
+            "stream_timeout_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
         if self.max_message_bytes < 1:

@@ -28,9 +28,21 @@ __all__ = [
 
 
 class HandshakeFailed(TransportError):
-    """The QUIC/TLS handshake did not complete, or the peer refused our certificate."""
+    """The QUIC/TLS handshake did not complete, or the peer refused our certificate.
+
+    ``refusal`` tells a refused certificate (or another TLS failure), which retrying
+    cannot fix, from a handshake that merely did not finish (no response, timeout,
+    closed for load), which it may: a :data:`~secure_xfl.crypto.pki.REJECT_REASONS`
+    reason when we refused the peer or the peer named its reason (``"wrong_role"``,
+    ``"revoked"``, ...), else the TLS alert's name (``"bad_certificate"``); None when
+    no certificate was refused and no TLS alert was raised.
+    """
 
     code = "handshake_failed"
+
+    def __init__(self, message: str = "", *, refusal: str | None = None) -> None:
+        self.refusal = refusal
+        super().__init__(message)
 
 
 class TooManyConnections(HandshakeFailed):

@@ -15,11 +15,13 @@ from collections.abc import Awaitable, Callable, Collection
 from types import TracebackType
 from typing import Any
 
+from aioquic import tls
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicErrorCode
 
-from secure_xfl.crypto.pki import PeerIdentity
+from secure_xfl.crypto.pki import REJECT_REASONS, PeerIdentity
 from secure_xfl.transport import mtls
 from secure_xfl.transport.config import TlsIdentity, TransportConfig
 from secure_xfl.transport.errors import (
@@ -148,7 +150,35 @@ class RpcServer:
 # ---------------------------------------------------------------------------- client
 
 
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a waiter's outcome as seen (a done callback)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class _ClientProtocol(MessageProtocol):
+    # aioquic's wait_connected() and ping() await their waiter through asyncio.shield:
+    # when our handshake deadline cancels the wait, the waiter lives on and closing the
+    # connection later fails it with ConnectionError that nobody retrieves ("Future
+    # exception was never retrieved"). A done callback on each waiter retrieves it.
+
+    async def wait_connected(self) -> None:
+        if self._connected_waiter is None and not self._connected:
+            self._connected_waiter = self._loop.create_future()
+            self._connected_waiter.add_done_callback(_retrieve)
+        waiter = self._connected_waiter
+        if waiter is not None:
+            await asyncio.shield(waiter)
+
+    async def ping(self) -> None:
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        waiter.add_done_callback(_retrieve)
+        uid = id(waiter)
+        self._ping_waiters[uid] = waiter
+        self._quic.send_ping(uid)
+        self.transmit()
+        await asyncio.shield(waiter)
+
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
             state = self.inbound.get(event.stream_id)
@@ -156,6 +186,37 @@ class _ClientProtocol(MessageProtocol):
                 self.on_data(state, event)
             return
         super().quic_event_received(event)
+
+
+#: mtls's alert reason phrases: ``peer certificate refused: <reason>`` / ``... required``.
+_REFUSED_PHRASE = "peer certificate refused: "
+
+
+def _tls_refusal(closed: events.ConnectionTerminated | None) -> str | None:
+    """The refusal a TLS alert closed the handshake with, or None if it was no alert.
+
+    A TLS alert travels as a transport CONNECTION_CLOSE (``frame_type`` set) with error
+    CRYPTO_ERROR + alert (0x100-0x1ff); our application codes (0x101-0x105, e.g.
+    "too many connections") share that numeric range but close at application level
+    (``frame_type`` None). The peer's reason is taken from secure-xfl's reason phrase
+    when it names one, else the alert's name.
+    """
+    if closed is None or closed.frame_type is None:
+        return None
+    alert = closed.error_code - QuicErrorCode.CRYPTO_ERROR
+    if not 0 <= alert <= 0xFF:
+        return None
+    phrase = closed.reason_phrase or ""
+    if phrase.startswith(_REFUSED_PHRASE):
+        reason = phrase[len(_REFUSED_PHRASE) :].split(":", 1)[0].strip()
+        if reason in REJECT_REASONS:
+            return reason
+    if phrase == "peer certificate required":
+        return "no_certificate"
+    try:
+        return tls.AlertDescription(alert).name
+    except ValueError:
+        return f"tls_alert_{alert}"
 
 
 class RpcClient:
@@ -190,8 +251,13 @@ class RpcClient:
     ) -> None:
         await self.close()
 
-    async def connect(self) -> PeerIdentity:
-        """Handshake, verify the server, and wait until the server accepted us."""
+    async def connect(self, *, timeout: float | None = None) -> PeerIdentity:
+        """Handshake, verify the server, and wait until the server accepted us.
+
+        Gives up after ``handshake_timeout_s`` (or ``timeout``, if shorter). Raises
+        :class:`HandshakeFailed` whose ``refusal`` names a refused certificate or TLS
+        failure (retrying cannot help), or :class:`TooManyConnections`.
+        """
         if self._protocol is not None:
             raise TransportError("already connected")
         loop = asyncio.get_running_loop()
@@ -211,8 +277,11 @@ class RpcClient:
         protocol.log = client_log
         protocol.udp = UdpBatcher(transport, socket_buffer_bytes=self.config.socket_buffer_bytes)
         protocol.owns_socket = True
+        limit = self.config.handshake_timeout_s
+        if timeout is not None:
+            limit = max(0.0, min(limit, timeout))
         try:
-            async with asyncio.timeout(self.config.handshake_timeout_s):
+            async with asyncio.timeout(limit):
                 protocol.connect(addr)
                 await protocol.wait_connected()
                 # Our Finished is sent, but the server checks our certificate only on
@@ -226,13 +295,16 @@ class RpcClient:
                 if rejection is not None
                 else protocol.describe_close()
                 if closed is not None
-                else f"no handshake within {self.config.handshake_timeout_s}s"
+                else f"no handshake within {limit:.1f}s"
             )
             await self.close()
             client_log.warning("[peer=%s:%d] handshake failed: %s", self.host, self.port, why)
-            if rejection is None and closed is not None and closed.error_code == ERR_BUSY:
+            if rejection is not None:
+                raise HandshakeFailed(why, refusal=rejection.reason) from exc
+            refusal = _tls_refusal(closed)
+            if refusal is None and closed is not None and closed.error_code == ERR_BUSY:
                 raise TooManyConnections(why) from exc
-            raise HandshakeFailed(why) from exc
+            raise HandshakeFailed(why, refusal=refusal) from exc
         identity = mtls.peer_identity(connection)
         assert identity is not None  # the hook refuses to finish without one
         self.server_identity = identity

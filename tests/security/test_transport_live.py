@@ -26,6 +26,7 @@ import pytest
 from secure_xfl.crypto import pem, pki
 from secure_xfl.kit import Kit
 from secure_xfl.protocol import messages
+from secure_xfl.services.client import EXIT_PERMANENT
 from secure_xfl.transport import HandshakeFailed, RpcClient, RpcServer, TlsIdentity
 from tests.federation import CLI, Federation, federation
 from tests.security import live
@@ -229,21 +230,22 @@ async def _impostor_server(tls: TlsIdentity, root: Path, client: str) -> tuple[i
             str(root / f"client-{client}"),
             "--aggregator",
             f"127.0.0.1:{port}",
+            "--trainer",
+            "random",
         ],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "handshake failed" not in log.read_text():
-            assert proc.poll() is None, log.read_text()
-            await asyncio.sleep(0.2)
+        # A refused server certificate is a permanent failure: the client exits at
+        # once with EXIT_PERMANENT instead of retrying.
+        rc = await asyncio.to_thread(proc.wait, 60)
     finally:
-        # A client still retrying its first connection ignores SIGTERM (it only checks
-        # its stop event between rounds), so it is killed rather than waited for.
-        proc.kill()
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
         await server.close()
+    assert rc == EXIT_PERMANENT, log.read_text()
     return handler.calls, log.read_text()
 
 

@@ -31,6 +31,7 @@ def make_update(
     weight: float = 1.0,
     weighting: Weighting = "aggregator",
     run: str = RUN,
+    dp: Any = None,
     **kw: Any,
 ) -> ProtectedUpdate:
     _, public = contexts(preset)
@@ -45,6 +46,7 @@ def make_update(
         signing_key=key,
         weight=weight,
         weighting=weighting,
+        dp=dp,
         **kw,
     )
 

@@ -55,6 +55,7 @@ def upload(core: Coordinator, name: str, value: float, weight: float = 1.0) -> b
     plan = offer.plan
     blob = protect_vector(
         vec,
+        dp=None,
         ctx=public,
         preset=get_preset("xfl-default"),
         layout=layout,

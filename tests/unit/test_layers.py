@@ -23,7 +23,7 @@ ORDER: list[tuple[str, ...]] = [
     ("training",),
     ("protocol",),
     ("services",),
-    ("experiments", "bench", "cli", "cli_audit", "__init__", "__main__"),
+    ("experiments", "bench", "cli", "cli_args", "cli_audit", "cli_run", "__init__", "__main__"),
 ]
 RANK = {name: i for i, names in enumerate(ORDER) for name in names}
 MAX_LINES = 450
