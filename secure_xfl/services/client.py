@@ -44,6 +44,7 @@ from secure_xfl.services.runtime import (
     PermanentFailure,
     install_stop_signals,
 )
+from secure_xfl.training.lm import ModelError
 from secure_xfl.training.trainer import Trainer
 from secure_xfl.transport.errors import RemoteError
 
@@ -165,7 +166,15 @@ class ClientService:
         layout = layout_of(torch_model)
         if layout.digest != act.plan.layout_digest:
             raise messages.ProtocolError("the model sent does not match the plan's layout")
-        result = self.trainer.train(act.model, act.plan.round, settings)
+        try:
+            result = self.trainer.train(act.model, act.plan.round, settings)
+        except ModelError as exc:
+            names = ", ".join(sorted(act.model)[:3]) + (", …" if len(act.model) > 3 else "")
+            raise TrainingError(
+                f"the aggregator's model (tensors {names}) does not fit this client's trainer "
+                f"{type(self.trainer).__name__}: start the aggregator with --model lm and "
+                f"every client with --trainer lm (or vector:N with --trainer random) ({exc})"
+            ) from exc
         upd = {k: torch.from_numpy(np.asarray(v)) for k, v in result.update.items()}
         self._vectors = {act.plan.round: (flatten(upd, layout), layout)}
         rate = (result.metrics or {}).get("throughput")
