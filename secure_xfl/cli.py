@@ -143,7 +143,7 @@ def _cmd_aggregator(args: argparse.Namespace) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from secure_xfl.cli_run import init_torchrun, rank_zero
+    from secure_xfl.cli_run import finish_torchrun, init_torchrun, rank_zero
     from secure_xfl.kit import Kit
     from secure_xfl.services.client import serve_client
     from secure_xfl.training.trainer import RandomTrainer
@@ -160,6 +160,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         )
         if distributed and not rank_zero():
             lm.follow()  # only rank 0 talks to the aggregator
+            finish_torchrun()
             return 0
         trainer = lm
     else:
@@ -173,6 +174,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     finally:
         if isinstance(trainer, FederatedLMTrainer):
             trainer.close()  # releases torchrun followers
+            finish_torchrun()
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 from secure_xfl.cli_args import EXIT_CODES_HELP, CliParser, HelpFormatter, _writable_dir
 from secure_xfl.errors import ConfigError
 
-__all__ = ["bench", "demo", "experiment", "export", "init_torchrun", "rank_zero"]
+__all__ = ["bench", "demo", "experiment", "export", "finish_torchrun", "init_torchrun", "rank_zero"]
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -110,3 +110,13 @@ def rank_zero() -> bool:
     import torch.distributed as dist
 
     return dist.get_rank() == 0
+
+
+def finish_torchrun() -> None:
+    """Leave the torchrun process group before exiting: a live gloo/NCCL group at
+    interpreter shutdown can abort the process ("terminate called without an active
+    exception"), which torchrun reports as a failed rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

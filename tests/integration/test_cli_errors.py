@@ -55,6 +55,9 @@ CASES = [
     _case("revoke-unknown", "provision --out {fed} --revoke zz", "no client 'zz'"),
     _case("add-no-federation", "provision --out {tmp} --add-client c", "not a federation folder"),
     _case("no-clients", "provision --federation t --out {tmp}/n", "--clients is required"),
+    # export
+    _case("export-no-run", "export --out {tmp}/m", "required: --run"),
+    _case("export-missing-run", "export --run {tmp}/none --out {tmp}/m", "does not exist"),
     # keyholder
     _case(
         "keyholder-wrong-kit",
