@@ -13,7 +13,6 @@ upper bound of the one the audit recomputes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -110,10 +109,3 @@ def statement_records(entry: Mapping[str, Any]) -> dict[str, RecordDPSpec | None
         except (EnvelopeError, ValueError, TypeError, msgpack.UnpackException):
             out[item["client"]] = None
     return out
-
-
-def fmt_eps(value: float | None) -> str:
-    """ε for humans: 4 significant digits, ``inf``, or ``-``."""
-    if value is None:
-        return "-"
-    return "inf" if math.isinf(value) else f"{value:.4g}"

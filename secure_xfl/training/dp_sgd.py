@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from secure_xfl.crypto.dpspec import DEFAULT_DELTA
 from secure_xfl.errors import TrainingError
+from secure_xfl.privacy.accountant import epsilon
 from secure_xfl.training.data import Blocks
 
 __all__ = ["DPSGDConfig", "DPSGDError", "dp_local_train", "dp_sgd_epsilon"]
@@ -79,12 +80,9 @@ class DPSGDConfig:
 
 
 def dp_sgd_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    """ε spent by the DP-SGD steps in ``history`` ((σ, sample rate, steps) triples)."""
-    from opacus.accountants import RDPAccountant
-
-    acc = RDPAccountant()
-    acc.history = list(history)
-    return float(acc.get_epsilon(delta))
+    """ε spent by the DP-SGD steps in ``history`` ((σ, sample rate, steps) triples), with
+    the same PLD arithmetic as the silo's own account and the audit."""
+    return epsilon(history, delta, "pld")
 
 
 def dp_local_train(
