@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "secure_xfl"
 
 #: Layers in data-flow order. Top-level modules are named by file, folders by name.
 ORDER: list[tuple[str, ...]] = [
-    ("errors", "wire"),
+    ("errors", "wire", "fsio", "failpoints"),
     ("crypto",),
     ("transport",),
     ("config", "kit"),
