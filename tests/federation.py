@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -51,13 +52,30 @@ def provision(tmp: Path, clients: Sequence[str], **sections: dict[str, object]) 
     return out
 
 
+def _copy(popen: subprocess.Popen[bytes], log: Path) -> None:
+    assert popen.stdout is not None
+    with log.open("ab", buffering=0) as out:
+        for line in popen.stdout:
+            out.write(line)
+
+
 @dataclass
 class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    argv: list[str] = field(default_factory=list)
+    """The command line, with the port it bound instead of ``:0`` (for restarts)."""
+    copier: threading.Thread | None = None
+
+    def drained(self) -> None:
+        """After the process exited: wait until its last lines reached the log."""
+        if self.copier is not None:
+            self.copier.join(timeout=10)
 
     def text(self) -> str:
+        if self.popen.poll() is not None:
+            self.drained()
         return self.log.read_text(errors="replace")
 
 
@@ -67,33 +85,64 @@ class Federation:
     procs: dict[str, Proc] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
-    def start(self, name: str, *args: str, port_file: bool = False) -> Proc:
+    def start(
+        self, name: str, *args: str, port_file: bool = False, env: dict[str, str] | None = None
+    ) -> Proc:
         log = self.root / f"{name}.log"
         extra: list[str] = []
         pf = self.root / f"{name}.port"
         if port_file:
             pf.unlink(missing_ok=True)
             extra = ["--listen", "127.0.0.1:0", "--port-file", str(pf)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        log.write_bytes(b"")
+        return self._spawn(name, [*CLI, *args, *extra], log, pf if port_file else None, env)
+
+    def _spawn(
+        self, name: str, argv: list[str], log: Path, pf: Path | None, env: dict[str, str] | None
+    ) -> Proc:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Through a pipe that this process copies to the log (appending: a restarted
+        # process's log follows its predecessor's; start() empties it), so a test can
+        # take a child's disk away (RLIMIT_FSIZE) without also silencing its log.
         popen = subprocess.Popen(
-            [*CLI, *args, *extra], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env
         )
-        proc = Proc(name, popen, log)
+        copier = threading.Thread(target=_copy, args=(popen, log), daemon=True)
+        copier.start()
+        proc = Proc(name, popen, log, argv, copier)
         self.procs[name] = proc
-        if port_file:
+        if pf is not None:
             deadline = time.monotonic() + 60
             while not pf.exists():
                 if popen.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not start:\n{proc.text()}")
                 time.sleep(0.1)
             self.ports[name] = int(pf.read_text())
+            proc.argv = [a if a != "127.0.0.1:0" else f"127.0.0.1:{self.ports[name]}" for a in argv]
         return proc
 
-    def start_keyholder(self) -> int:
-        self.start("keyholder", "keyholder", "--kit", str(self.root / "keyholder"), port_file=True)
+    def restart(self, name: str, env: dict[str, str] | None = None) -> Proc:
+        """Start ``name`` again with the same command line (and the port it had bound),
+        after it exited or was killed; ``env`` replaces the extra environment."""
+        old = self.procs[name]
+        if old.popen.poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        pf = self.root / f"{name}.port"
+        pf.unlink(missing_ok=True)
+        with old.log.open("ab") as fh:
+            fh.write(f"\n=== restarted {name} ===\n".encode())
+        has_pf = "--port-file" in old.argv
+        return self._spawn(name, list(old.argv), old.log, pf if has_pf else None, env)
+
+    def start_keyholder(self, env: dict[str, str] | None = None) -> int:
+        self.start(
+            "keyholder", "keyholder", "--kit", str(self.root / "keyholder"), port_file=True, env=env
+        )
         return self.ports["keyholder"]
 
-    def start_aggregator(self, model: str = "vector:3000") -> int:
+    def start_aggregator(
+        self, model: str = "vector:3000", env: dict[str, str] | None = None
+    ) -> int:
         self.start(
             "aggregator",
             "aggregator",
@@ -106,6 +155,7 @@ class Federation:
             "--out",
             str(self.root / "agg-out"),
             port_file=True,
+            env=env,
         )
         return self.ports["aggregator"]
 
@@ -127,7 +177,9 @@ class Federation:
     def wait(self, name: str, timeout: float = 180) -> int:
         proc = self.procs[name]
         try:
-            return proc.popen.wait(timeout=timeout)
+            rc = proc.popen.wait(timeout=timeout)
+            proc.drained()
+            return rc
         except subprocess.TimeoutExpired:
             raise AssertionError(f"{name} still running after {timeout}s:\n{proc.text()}") from None
 
@@ -140,6 +192,8 @@ class Federation:
                 proc.popen.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.popen.kill()
+                proc.popen.wait(timeout=10)
+            proc.drained()
 
     def logs(self) -> str:
         return "\n".join(f"--- {n}\n{p.text()[-3000:]}" for n, p in self.procs.items())

@@ -5,16 +5,20 @@ against the key holder's *own* policy: every signed DP spec must be at least
 as strong as the policy's, every entry must name the same plan, base model
 and DP spec (buffered async: earlier plans within the staleness bound), and
 σ_eff is computed from what the clients signed, never from a figure the
-aggregator sent. The aggregate is decrypted and validated in memory first;
-only then do the budget hook, the durable once-only record (fsynced) and the
-ledger hook run, so a malformed aggregate is refused without burning its round
-and a crash or restart can never decrypt a round twice.
+aggregator sent. The budget hook runs, then the aggregate is decrypted and
+validated in memory; only then do the durable once-only record (fsynced, with the
+aggregate's digest) and the ledger hook run, so a malformed aggregate is refused
+without burning its round and a crash or restart can never release a round twice.
+The same aggregate (SHA-256 of its encoding) sent again for a released round gets
+the same answer: nothing new is disclosed, no ε is charged, no ledger line is added
+(``on_repeat`` only completes one a crash or a full disk kept back). A record that
+cannot be written refuses with ``storage_unavailable`` and burns nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,7 @@ from typing import Any, NoReturn
 import numpy as np
 import tenseal as ts
 
+from secure_xfl import failpoints
 from secure_xfl.crypto import pki
 from secure_xfl.crypto.codec import chunk_lengths, decrypt_chunks, load_chunk
 from secure_xfl.crypto.context import CKKSPreset
@@ -119,6 +124,8 @@ class DecryptedAggregate:
     """Σ wᵢ xᵢ / Σ wᵢ as a flat float64 vector."""
     total_weight: float
     """Σ wᵢ (signed weights)."""
+    repeat: bool = False
+    """The same aggregate was released before: this is that answer again, nothing new."""
 
 
 class KeyHolder:
@@ -135,6 +142,7 @@ class KeyHolder:
         before_release: Callable[[Release], None] | None = None,
         after_release: Callable[[Release], None] | None = None,
         on_refused: Callable[[Release, str], None] | None = None,
+        on_repeat: Callable[[Release], None] | None = None,
     ) -> None:
         if not ctx.has_secret_key():
             raise DecryptionRefused("no_secret_key", "the key holder needs the secret context")
@@ -145,23 +153,21 @@ class KeyHolder:
         self.before_release = before_release
         self.after_release = after_release
         self.on_refused = on_refused
-        # A new state_dir is normal on a first start; one under the temp dir is the
-        # mistake seen in practice (a fresh KeyHolder per round on a mkdtemp()).
-        state = Path(state_dir).absolute()
-        temp = Path(tempfile.gettempdir()).resolve()
-        if state.resolve().is_relative_to(temp):
-            why = f"lies under {temp}"
-            log.warning("state_dir %s %s: decrypt-each-round-once does not survive a "
-                        "temporary state_dir; keep one state_dir for the whole run",
-                        state, why)  # fmt: skip
-        self.record = DecryptionRecord(state_dir)
+        self.on_repeat = on_repeat
+        self.record = DecryptionRecord(Path(state_dir))
 
     def already_decrypted(self, run: str, round: int) -> bool:
         """Whether (run, round) was released before, across restarts."""
         return self.record.released(run, round)
 
-    def check(self, agg: EncryptedAggregate) -> Release:
-        """Apply every policy rule; returns what would be released."""
+    def last_released(self, run: str) -> tuple[int, str]:
+        """(highest released round of ``run``, hex digest of its aggregate) from the
+        durable record; ``(-1, "")`` when none was released."""
+        return self.record.last_released(run)
+
+    def check(self, agg: EncryptedAggregate, *, repeat: bool = False) -> Release:
+        """Apply every policy rule; returns what would be released. ``repeat``: the
+        same aggregate was released before, so the once-only rules do not apply."""
         pol = self.policy
         if agg.run != pol.run:
             raise DecryptionRefused("wrong_run", f"{agg.run!r} is not run {pol.run!r}")
@@ -173,16 +179,12 @@ class KeyHolder:
         digests = {s.statement.ciphertext_digest for s in agg.manifest}
         if len(digests) != len(names):
             raise DecryptionRefused("duplicate_ciphertext", "two entries share a ciphertext")
+        shape = (agg.layout_digest, agg.preset, agg.numel, agg.weighting)
         for signed in agg.manifest:
             st = signed.statement
             if (st.run, st.round) != (agg.run, agg.round):
                 raise DecryptionRefused("manifest_mismatch", f"{st.client!r} signed another round")
-            if (st.layout_digest, st.preset, st.numel, st.weighting) != (
-                agg.layout_digest,
-                agg.preset,
-                agg.numel,
-                agg.weighting,
-            ):
+            if (st.layout_digest, st.preset, st.numel, st.weighting) != shape:
                 raise DecryptionRefused("manifest_mismatch", f"{st.client!r} signed another shape")
             key = self.client_keys.get(st.client)
             if key is None:
@@ -197,9 +199,10 @@ class KeyHolder:
             raise DecryptionRefused(
                 "too_few_clients", f"{len(names)} < min_clients {pol.min_clients}"
             )
-        if self.already_decrypted(agg.run, agg.round):
+        # A repeat is the answer already given, given again: not a second decryption.
+        if not repeat and self.already_decrypted(agg.run, agg.round):
             raise DecryptionRefused("already_decrypted", f"run {agg.run!r} round {agg.round}")
-        if self.record.refused(agg.run, agg.round) >= pol.max_attempts:
+        if not repeat and self.record.refused(agg.run, agg.round) >= pol.max_attempts:
             raise DecryptionRefused(
                 "too_many_attempts",
                 f"round {agg.round} was refused {pol.max_attempts} times after decryption",
@@ -220,11 +223,8 @@ class KeyHolder:
                 raise DecryptionRefused("bad_weights", str(exc)) from None
             delta = signed_specs[0].delta
         if sigma < pol.noise_floor * (1 - 1e-12):
-            hint = (
-                "; aggregator-side weights lower σ_eff: use client weighting"
-                if agg.weighting == "aggregator"
-                else ""
-            )
+            aggw = agg.weighting == "aggregator"
+            hint = "; aggregator-side weights lower σ_eff: use client weighting" if aggw else ""
             raise DecryptionRefused(
                 "noise_too_low", f"effective σ {sigma:.3f} < floor {pol.noise_floor:g}{hint}"
             )
@@ -339,10 +339,13 @@ class KeyHolder:
         return quant
 
     def decrypt(self, agg: EncryptedAggregate | bytes) -> DecryptedAggregate:
-        """Check policy, record the round durably, then decrypt the weighted average."""
-        if isinstance(agg, bytes | bytearray | memoryview):
-            agg = EncryptedAggregate.decode(bytes(agg))
-        release = self.check(agg)
+        """Check policy, decrypt and validate the weighted average, record the round
+        durably, then return it (again, for the very aggregate released before)."""
+        blob = agg.encode() if isinstance(agg, EncryptedAggregate) else bytes(agg)
+        agg = agg if isinstance(agg, EncryptedAggregate) else EncryptedAggregate.decode(blob)
+        digest = hashlib.sha256(blob).hexdigest()  # of the bytes as received
+        repeat = self.record.released_digest(agg.run, agg.round) == digest
+        release = self.check(agg, repeat=repeat)
         quant = self._check_quant(agg)
         if quant is None:
             lengths = list(chunk_lengths(agg.numel, self.preset.slots))
@@ -360,7 +363,7 @@ class KeyHolder:
         ]
         total = float(sum(s.statement.weight for s in agg.manifest))
         divisor = sum(release.weights) if agg.weighting == "aggregator" else total
-        if self.before_release:
+        if self.before_release and not repeat:
             self.before_release(release)  # the budget: this decryption will be charged
         # Decrypt and validate in memory before anything is released: a malformed or
         # out-of-bounds aggregate is charged and refused, and its round stays open for
@@ -373,19 +376,22 @@ class KeyHolder:
                 n = len(agg.manifest)
                 total_sum = unpack_vector(values, quant, n, agg.numel, self.preset.slots)
         except CodecError as exc:
-            self._refuse(release, "aggregate_invalid", str(exc))
-        self._validate(agg, release, total_sum, quant)
+            self._refuse(release, "aggregate_invalid", str(exc), charge=not repeat)
+        self._validate(agg, release, total_sum, quant, charge=not repeat)
         vector = total_sum / divisor
-        self.record.mark_released(agg.run, agg.round)
+        if repeat:
+            if self.on_repeat:
+                self.on_repeat(release)  # a ledger line a crash or a full disk kept back
+            log.info("round %d of run %s re-sent: same aggregate, nothing new released",
+                     agg.round, agg.run)  # fmt: skip
+            return DecryptedAggregate(release, vector, total, repeat=True)
+        failpoints.hit("keyholder.after_decrypt")
+        self.record.mark_released(agg.run, agg.round, digest)  # storage_unavailable if not
+        failpoints.hit("keyholder.after_mark")
         if self.after_release:
             self.after_release(release)  # the ledger line exists before the plaintext leaves
-        log.info(
-            "decrypted run %s round %d over %d clients (σ_eff=%.3f)",
-            agg.run,
-            agg.round,
-            len(release.participants),
-            release.noise_multiplier,
-        )
+        log.info("decrypted run %s round %d over %d clients (σ_eff=%.3f)", agg.run,
+                 agg.round, len(release.participants), release.noise_multiplier)  # fmt: skip
         return DecryptedAggregate(release=release, vector=vector, total_weight=total)
 
     def _validate(
@@ -394,10 +400,13 @@ class KeyHolder:
         release: Release,
         total_sum: np.ndarray,
         quant: QuantSpec | None,
+        *,
+        charge: bool = True,
     ) -> None:
         """Finite, and within the release bound of what the clients signed."""
         if not np.isfinite(total_sum).all():
-            self._refuse(release, "aggregate_invalid", "decrypted values are not finite")
+            why = "decrypted values are not finite"
+            self._refuse(release, "aggregate_invalid", why, charge=charge)
         specs = [s.statement.dp for s in agg.manifest]
         if any(d is None for d in specs):
             return  # no signed clip: no bound to hold the release to (policy allowed it)
@@ -417,15 +426,20 @@ class KeyHolder:
                 release,
                 "aggregate_out_of_bounds",
                 f"‖sum‖ = {norm:.4g} > {bound:.4g}, the bound of what the clients signed",
+                charge=charge,
             )
 
-    def _refuse(self, release: Release, reason: str, detail: str) -> NoReturn:
-        """Charge and record a decryption whose aggregate failed validation, then refuse."""
+    def _refuse(self, release: Release, reason: str, detail: str, *, charge: bool) -> NoReturn:
+        """Charge and record a decryption whose aggregate failed validation, then refuse
+        (a repeat was charged when first released: it only refuses)."""
         log.warning("round %d of run %s refused after decryption: %s: %s",
                     release.round, release.run, reason, detail)  # fmt: skip
-        if self.on_refused:
-            self.on_refused(release, reason)  # on the ledger and charged, before the record
-        self.record.mark_refused(release.run, release.round, reason)
+        if charge:
+            try:
+                if self.on_refused:
+                    self.on_refused(release, reason)  # ledger and charge, before the record
+            finally:  # even when the ledger cannot be written: the attempt still counts
+                self.record.mark_refused(release.run, release.round, reason)
         raise DecryptionRefused(reason, detail)
 
     def close(self) -> None:

@@ -2,8 +2,15 @@
 
 Only peers whose certificate names the ``aggregator`` role may connect. Each
 decryption is checked by :class:`~secure_xfl.crypto.keyholder.KeyHolder`,
-checked against the privacy budget, written to the signed ledger, and only then
-decrypted.
+checked against the privacy budget, decrypted and validated in memory, marked in
+the durable record, written to the signed ledger, and only then returned.
+
+Crash safety: the aggregate sent again for a released round (a crash lost the
+reply) gets the same answer with no new ledger line and no new ε; if the crash fell
+between the record's mark and the ledger line, the retry writes that line, once.
+A record or ledger that cannot be written refuses with ``storage_unavailable`` and
+burns nothing. ``status`` says the last released round and its aggregate's digest,
+so a restarted aggregator can reconcile.
 """
 
 from __future__ import annotations
@@ -16,14 +23,17 @@ from typing import Any
 import msgpack
 from cryptography.hazmat.primitives import serialization
 
+from secure_xfl import failpoints
 from secure_xfl.crypto.context import check_context_matches, get_preset
 from secure_xfl.crypto.envelope import SignedStatement
 from secure_xfl.crypto.errors import DecryptionRefused
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy, Release
 from secure_xfl.crypto.pki import PeerIdentity
 from secure_xfl.crypto.recordspec import RecordDPSpec
+from secure_xfl.fsio import StorageError
 from secure_xfl.kit import Kit
 from secure_xfl.privacy.ledger import PrivacyLedger, read_ledger
+from secure_xfl.privacy.ledger.writer import LedgerStorageError
 from secure_xfl.privacy.record import RecordAccount
 from secure_xfl.protocol import messages
 from secure_xfl.protocol.rules import make_rule
@@ -79,8 +89,9 @@ class KeyHolderService:
             client_keys=kit.client_certificates(),
             state_dir=self.state_dir,
             before_release=self._check_budget,
-            after_release=self._record,
+            after_release=self._record_released,
             on_refused=self._record_refused,
+            on_repeat=self._complete,
         )
         self._lock = asyncio.Lock()
 
@@ -112,6 +123,11 @@ class KeyHolderService:
         }
 
     def _check_budget(self, release: Release) -> None:
+        if self.ledger.released(release.run, release.round):
+            # The record lost a release the ledger has (a replaced state dir): never a
+            # second decryption of the round, and nothing marked for it.
+            raise DecryptionRefused("already_decrypted", f"round {release.round} is on the "
+                                    "ledger as released")  # fmt: skip
         record = self.kit.config.privacy.record
         if record.enabled:
             why_r = self.records.over_budget(record.budget, self._record_specs(release))
@@ -129,7 +145,31 @@ class KeyHolderService:
 
     def _record_refused(self, release: Release, reason: str) -> None:
         """A decryption refused after validation is still on the ledger, and charged."""
-        self._record(release, outcome="refused", reason=reason)
+        self._stored(release, outcome="refused", reason=reason)
+
+    def _record_released(self, release: Release) -> None:
+        """The released entry, fsynced before the plaintext leaves."""
+        self._stored(release)
+        failpoints.hit("keyholder.after_ledger")
+
+    def _complete(self, release: Release) -> None:
+        """A repeat of a released round: its ledger line, if a crash or a full disk kept
+        it back after the record's mark (exactly once: the ledger says whether)."""
+        if self.ledger.released(release.run, release.round):
+            return
+        log.warning("round %d of run %s: the record marks it released but the ledger "
+                    "lacks its entry; writing it now", release.round, release.run)  # fmt: skip
+        self._record_released(release)
+
+    def _stored(self, release: Release, **kw: Any) -> None:
+        """:meth:`_record`, with a ledger that cannot be written refused as
+        ``storage_unavailable`` (the round stays open for a retry)."""
+        try:
+            self._record(release, **kw)
+        except (LedgerStorageError, StorageError) as exc:
+            log.error("round %d of run %s: the ledger cannot be written (%s); refusing "
+                      "until it can", release.round, release.run, exc)  # fmt: skip
+            raise DecryptionRefused("storage_unavailable", str(exc)) from None
 
     def _record(
         self, release: Release, outcome: str = "released", reason: str | None = None
@@ -188,23 +228,16 @@ class KeyHolderService:
     async def handle(self, peer: PeerIdentity, data: bytes) -> bytes:
         msg = messages.decode(data, expect={"decrypt", "status"})
         if msg["t"] == "status":
-            return messages.encode(
-                "info",
-                run=self.kit.config.federation.run,
-                preset=self.preset.name,
-                min_clients=self.holder.policy.min_clients,
-                epsilon=self.ledger.spent(
-                    self.kit.config.federation.run, self.kit.config.privacy.delta
-                ),
-            )
+            return self.status(messages.require(msg, "run", str, optional=True))
         blob = messages.require(msg, "aggregate", bytes)
         async with self._lock:  # one decryption at a time: the once-only record is sequential
             self.holder.client_keys = self.kit.client_certificates()  # pick up enrolments
             result = await asyncio.to_thread(self.holder.decrypt, blob)
         rel = result.release
-        log.info("released round %d of run %s to %s", rel.round, rel.run, peer)
+        what = "re-sent" if result.repeat else "released"
+        log.info("%s round %d of run %s to %s", what, rel.round, rel.run, peer)
         self._note_run_complete(rel.run, rel.round)
-        return messages.encode(
+        reply = messages.encode(
             "plain",
             round=rel.round,
             vector=messages.pack_vector(result.vector),
@@ -212,6 +245,24 @@ class KeyHolderService:
             total_weight=result.total_weight,
             noise_multiplier=rel.noise_multiplier,
             epsilon=self.ledger.spent(rel.run, self.kit.config.privacy.delta),
+        )
+        failpoints.hit("keyholder.before_reply")
+        return reply
+
+    def status(self, run: str | None = None) -> bytes:
+        """The ``info`` reply: this key holder's run, preset, cohort floor, ε spent, and
+        the last released round of ``run`` (default: the kit's) with the digest of its
+        aggregate (``-1`` and ``""`` when none), from the durable record."""
+        run = run or self.kit.config.federation.run
+        last, digest = self.holder.last_released(run)
+        return messages.encode(
+            "info",
+            run=self.kit.config.federation.run,
+            preset=self.preset.name,
+            min_clients=self.holder.policy.min_clients,
+            epsilon=self.ledger.spent(run, self.kit.config.privacy.delta),
+            last_released=last,
+            released_digest=digest,
         )
 
 

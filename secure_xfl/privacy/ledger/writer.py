@@ -1,4 +1,10 @@
-"""The key holder's append-only writer: sign, chain, fsync."""
+"""The key holder's append-only writer: sign, chain, fsync.
+
+A failed append (full disk, file-size limit, I/O error) is truncated back to the size
+before it and fsynced, so the file stays a valid ledger and the next append (once
+space returns) continues the chain; only when that truncation fails too does the
+writer refuse further appends until the ledger is reopened and re-verified.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +37,13 @@ from secure_xfl.privacy.ledger.schema import (
     outcome_of,
     validate_entry,
 )
+
+
+class LedgerStorageError(LedgerError):
+    """The ledger could not be written (full disk, file-size limit, I/O error, full
+    ledger): nothing was appended, and a retry once space returns can succeed."""
+
+    code = "storage_unavailable"
 
 
 def _statement_list(statements: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -263,7 +276,10 @@ class PrivacyLedger:
         if self._fd < 0:
             raise LedgerError("ledger is closed")
         if self._broken:
-            raise LedgerError("an earlier append failed; reopen the ledger to re-verify it")
+            raise LedgerStorageError(
+                "an earlier append failed and could not be undone; reopen the ledger to "
+                "re-verify it"
+            )
         people = sorted(participants)
         if isinstance(enrolled, int) and enrolled > 0 and people:
             realised = len(people) / enrolled
@@ -316,7 +332,7 @@ class PrivacyLedger:
         if len(line) > MAX_LINE_BYTES:
             raise LedgerError(f"entry exceeds {MAX_LINE_BYTES} bytes")
         if self._size + len(line) + 1 > MAX_FILE_BYTES:
-            raise LedgerError("ledger is full; start a new ledger file for further runs")
+            raise LedgerStorageError("ledger is full; start a new ledger file for further runs")
         self._write(line + b"\n")
         slim = {k: v for k, v in entry.items() if k != "statements"}
         self._entries.append(copy.deepcopy(slim))
@@ -335,8 +351,15 @@ class PrivacyLedger:
                 view = view[written:]
             os.fsync(self._fd)
         except OSError as exc:
-            # A partial line may be on disk; further appends would chain onto
-            # state we cannot vouch for.
-            self._broken = True
-            raise LedgerError(f"ledger write failed: {exc}") from exc
+            why = f"ledger write failed: {exc.strerror or exc}"
+            try:
+                # Undo a partial line: the file is again the ledger as last verified.
+                os.ftruncate(self._fd, self._size)
+                os.fsync(self._fd)
+            except OSError:
+                # A partial line may be on disk; further appends would chain onto
+                # state we cannot vouch for.
+                self._broken = True
+                raise LedgerStorageError(f"{why}; the partial line could not be undone") from exc
+            raise LedgerStorageError(why) from exc
         self._size += len(data)
