@@ -1,4 +1,4 @@
-"""``secure-xfl`` command line: provision, keyholder, aggregator, client, demo, audit, bench.
+"""``secure-xfl`` command line: provision, the services, demo, audit, bench, loadtest …
 
 Every failure ends in one line on stderr, ``secure-xfl <command>: error: <message>``,
 and one of the exit codes below (never a Python traceback; ``--log-level DEBUG``
@@ -201,6 +201,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return export(args)
 
 
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from secure_xfl.bench.loadtest import main as loadtest_main
+
+    return loadtest_main(args.rest)
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from secure_xfl.cli_audit import main as audit_main
 
@@ -233,6 +239,7 @@ COMMANDS = (
     "export",
     "audit",
     "bench",
+    "loadtest",
 )
 
 
@@ -404,15 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.set_defaults(func=_cmd_export)
 
-    s = sub.add_parser(
-        "bench", help="benchmarks vs the NVFlare-default CKKS baseline", add_help=False
-    )
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=_cmd_bench)
-
-    s = sub.add_parser("audit", help="verify a privacy ledger and recompute ε", add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=_cmd_audit)
+    for name, text, func in (
+        ("bench", "benchmarks vs the NVFlare-default CKKS baseline", _cmd_bench),
+        ("loadtest", "N simulated clients against a real key holder and aggregator", _cmd_loadtest),
+        ("audit", "verify a privacy ledger and recompute ε", _cmd_audit),
+    ):  # each owns its whole argument list (see main)
+        s = sub.add_parser(name, help=text, add_help=False)
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+        s.set_defaults(func=func)
     return p
 
 
@@ -421,11 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     from secure_xfl.services.runtime import setup_logging
 
-    # audit and bench own their whole argument list (including --help).
-    if argv and argv[0] in ("audit", "bench"):
+    # audit, bench and loadtest own their whole argument list (including --help).
+    owners = {"audit": _cmd_audit, "bench": _cmd_bench, "loadtest": _cmd_loadtest}
+    if argv and argv[0] in owners:
         setup_logging(argv[0], level="WARNING")
-        ns = argparse.Namespace(rest=argv[1:])
-        func = _cmd_audit if argv[0] == "audit" else _cmd_bench
+        func, ns = owners[argv[0]], argparse.Namespace(rest=argv[1:])
         return _run(f"secure-xfl {argv[0]}", lambda: func(ns))
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -13,7 +13,10 @@ from typing import Any
 
 from secure_xfl.bench.report import Row, markdown, write_json
 
-SECTIONS = ("crypto", "transport", "round", "training")
+SECTIONS = ("crypto", "transport", "round", "training", "loadtest")
+#: What runs without --sections: the load test takes minutes at 200 clients, so it is
+#: asked for by name (``--sections loadtest``).
+DEFAULT_SECTIONS = ("crypto", "transport", "round", "training")
 
 
 def machine() -> dict[str, Any]:
@@ -41,7 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="secure-xfl bench", description=__doc__)
     p.add_argument("--json", metavar="OUT", help="write the rows as a JSON list here")
     p.add_argument("--quick", action="store_true", help="small sizes (CI): seconds, not minutes")
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
+    p.add_argument(
+        "--sections",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)}",
+    )
     p.add_argument("--numel", type=int, help="crypto update size (default 262144; quick 12288)")
     p.add_argument("--clients", help="ingest cohort sizes, e.g. 3,10,50")
     p.add_argument("--transport-mb", type=int, help="upload size (default 100; quick 2)")
@@ -54,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--train-device", choices=("cpu", "cuda", "auto"), default="cpu", help="default cpu"
     )
+    p.add_argument("--load-clients", help="load-test cohorts (default 10,50,200; quick 10)")
+    p.add_argument("--load-params", type=int, help="load-test parameters (default 100000)")
+    p.add_argument("--load-rounds", type=int, help="load-test rounds (default 3; quick 2)")
     return p
 
 
@@ -102,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         rows += training_rows(training)
+    if "loadtest" in sections:
+        from secure_xfl.bench.loadtest import bench_rows
+
+        cohorts = args.load_clients or ("10" if args.quick else "10,50,200")
+        rows += bench_rows(
+            tuple(int(c) for c in cohorts.split(",")),
+            params=args.load_params or 100_000,
+            rounds=args.load_rounds or (2 if args.quick else 3),
+        )
     print(markdown(rows))
     if training is not None:
         print("\n" + training.table())

@@ -13,13 +13,16 @@ import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tenseal as ts
-import torch
 
 from secure_xfl.crypto.context import CKKSPreset, load_context
 from secure_xfl.crypto.errors import CodecError, EnvelopeError, LayoutMismatch
+
+if TYPE_CHECKING:
+    import torch
 
 #: Upper bound on the elements of one update (2^31: a 2-billion-parameter trainable part).
 MAX_ELEMENTS = 2**31
@@ -27,12 +30,17 @@ MAX_ELEMENTS = 2**31
 MAX_TENSORS = 100_000
 MAX_NAME_LEN = 512
 
-_FLOAT_DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
+#: Floating-point dtype names a layout may hold. torch is imported only by the functions
+#: that take or make tensors, so numpy-only users (the load generator's simulated
+#: clients, which seal a flat vector) never pay its ~300 MB of RSS.
+_FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,8 @@ class TensorLayout:
 
 def layout_of(tensors: Mapping[str, torch.Tensor]) -> TensorLayout:
     """Derive the layout of a mapping of named floating-point tensors."""
+    import torch
+
     if not tensors:
         raise CodecError("update is empty: no tensors")
     if len(tensors) > MAX_TENSORS:
@@ -99,7 +109,7 @@ def layout_of(tensors: Mapping[str, torch.Tensor]) -> TensorLayout:
         if not isinstance(t, torch.Tensor):
             raise CodecError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         dtype = str(t.dtype).removeprefix("torch.")
-        if dtype not in _FLOAT_DTYPES:
+        if dtype not in _FLOAT_DTYPE_NAMES:
             raise CodecError(f"{name}: dtype {dtype} is not floating point")
         specs.append(TensorSpec(name, tuple(int(d) for d in t.shape), dtype))
     layout = TensorLayout(tuple(specs))
@@ -112,6 +122,8 @@ def layout_of(tensors: Mapping[str, torch.Tensor]) -> TensorLayout:
 
 def flatten(tensors: Mapping[str, torch.Tensor], layout: TensorLayout) -> np.ndarray:
     """Concatenate tensors in layout order into one float64 vector; rejects NaN/Inf."""
+    import torch
+
     if layout_of(tensors) != layout:
         raise LayoutMismatch("tensors do not match the expected layout")
     out = np.empty(layout.numel, dtype=np.float64)
@@ -128,13 +140,15 @@ def flatten(tensors: Mapping[str, torch.Tensor], layout: TensorLayout) -> np.nda
 
 def unflatten(vec: np.ndarray, layout: TensorLayout) -> dict[str, torch.Tensor]:
     """Inverse of :func:`flatten`: named tensors with the layout's shapes and dtypes."""
+    import torch
+
     if vec.ndim != 1 or vec.shape[0] != layout.numel:
         raise LayoutMismatch(f"vector of {vec.shape} does not fit a layout of {layout.numel}")
     out: dict[str, torch.Tensor] = {}
     pos = 0
     for spec in layout.specs:
         piece = torch.from_numpy(np.ascontiguousarray(vec[pos : pos + spec.numel]))
-        out[spec.name] = piece.reshape(spec.shape).to(_FLOAT_DTYPES[spec.dtype])
+        out[spec.name] = piece.reshape(spec.shape).to(_torch_dtype(spec.dtype))
         pos += spec.numel
     return out
 

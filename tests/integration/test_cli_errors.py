@@ -107,6 +107,7 @@ CASES = [
     _case("audit-missing-ledger", "audit {tmp}/none.jsonl --kit {fed}/keyholder", "no ledger at"),
     # bench
     _case("bench-unknown-section", "bench --sections nope", "--sections: unknown nope"),
+    _case("loadtest-one-client", "loadtest --clients 1", "argument --clients: must be at least 2"),
 ]
 
 
