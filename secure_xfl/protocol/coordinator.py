@@ -11,10 +11,16 @@ and the QUIC service is a thin adapter around it.
 The coordinator only *proposes* (:class:`RoundPlan`); it checks that every
 update signed this round's plan, base model and DP spec, but the guarantees
 come from the clients' and the key holder's own policies.
+
+Resume: :meth:`~Coordinator.snapshot` / :meth:`~Coordinator.restore` (no I/O; the
+format and the ε accounting of a re-opened round are in :mod:`.checkpoint`). The
+restored round re-opens with the same attempt and plan digest and is offered to every
+client not in its accumulator, even one whose ``task`` says it finished it.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -26,8 +32,10 @@ import torch
 from secure_xfl.crypto.aggregate import Accumulator
 from secure_xfl.crypto.codec import flatten, layout_of, unflatten
 from secure_xfl.crypto.context import CKKSPreset
-from secure_xfl.crypto.envelope import ProtectedUpdate
-from secure_xfl.errors import SecureXFLError, TrainingError
+from secure_xfl.crypto.envelope import EncryptedAggregate, ProtectedUpdate, SignedStatement
+from secure_xfl.crypto.errors import EnvelopeError
+from secure_xfl.errors import ConfigError, SecureXFLError, TrainingError
+from secure_xfl.protocol.checkpoint import CheckpointError, CoordinatorState, settings_digest
 from secure_xfl.protocol.events import (
     Accepted,
     DecryptRequest,
@@ -47,19 +55,9 @@ log = logging.getLogger(__name__)
 
 Phase = Literal["collecting", "decrypting", "finished"]
 
-__all__ = [
-    "Accepted",
-    "Coordinator",
-    "CoordinatorSettings",
-    "DecryptRequest",
-    "Finished",
-    "NotEnrolled",
-    "Offer",
-    "PlanMismatch",
-    "RoundClosed",
-    "RoundRecord",
-    "Wait",
-]
+__all__ = ["Accepted", "Coordinator", "CoordinatorSettings", "CoordinatorState", "DecryptRequest",
+           "Finished", "NotEnrolled", "Offer", "PlanMismatch", "RoundClosed", "RoundRecord",
+           "Wait"]  # fmt: skip
 
 
 #: Key-holder refusals after decryption: the round is re-opened, not burnt.
@@ -79,7 +77,9 @@ class Coordinator:
         model: Mapping[str, np.ndarray],
         rule: AggregationRule,
         now: float,
+        state: CoordinatorState | None = None,
     ) -> None:
+        """``state``: resume from a :meth:`snapshot` (see :meth:`restore`)."""
         self.settings = settings
         self.ctx = ctx
         self.preset = preset
@@ -100,7 +100,68 @@ class Coordinator:
         self._plans: dict[int, RoundPlan] = {}  # recent plans, for buffered async
         self.attempt = 0  # re-opened after refused aggregates
         self.refused_cohorts: list[str] = []
+        self._losses: list[float] = []  # reported by the cohort of the closed round
+        self._reoffer: tuple[int, int] | None = None  # restored (round, attempt)
+        if state is not None:
+            self._load(state)
         self._open(now)
+        if state is not None:
+            self._resumed(state)
+
+    @classmethod
+    def restore(
+        cls, state: CoordinatorState, settings: CoordinatorSettings, **kw: Any
+    ) -> Coordinator:
+        """A coordinator continuing from ``state`` (``kw`` as for the constructor; its
+        ``model`` gives only the layout)."""
+        return cls(settings, state=state, **kw)
+
+    @property
+    def settings_digest(self) -> str:
+        """What a checkpoint must have been written under (settings, preset, rule, layout)."""
+        return settings_digest(self.settings, preset=self.preset.name, rule=self.rule.name,
+                               rule_lr=self.rule.lr, layout=self.layout.digest)  # fmt: skip
+
+    def snapshot(self) -> CoordinatorState:
+        """The state to resume from (the open round re-opens empty; see the module doc)."""
+        return CoordinatorState(
+            run=self.settings.run, settings_digest=self.settings_digest, round=self.round,
+            attempt=self.attempt, phase="finished" if self.phase == "finished" else "collecting",
+            params=self.params.copy(), rule_state=self.rule.state(), loss_ref=self.loss_ref,
+            throughputs=dict(self.throughputs), history=tuple(copy.deepcopy(self.history)),
+            refused_cohorts=tuple(self.refused_cohorts), plans=dict(self._plans),
+            outcome=self.outcome, ok=self.ok, budget_exhausted=self.budget_exhausted,
+        )  # fmt: skip
+
+    def _load(self, st: CoordinatorState) -> None:
+        if st.run != self.settings.run or st.settings_digest != self.settings_digest:
+            raise CheckpointError("settings_changed", "state of another run or settings")
+        if st.params.shape != self.params.shape:
+            raise CheckpointError("mismatch", f"params must hold {self.layout.numel} values")
+        try:
+            self.rule.load_state(st.rule_state)
+        except ConfigError as exc:
+            raise CheckpointError("mismatch", str(exc)) from None
+        self.params = st.params.astype(np.float64, copy=True)
+        self.round, self.attempt, self.loss_ref = st.round, st.attempt, st.loss_ref
+        self.throughputs = dict(st.throughputs)
+        self.history = list(copy.deepcopy(st.history))
+        self.refused_cohorts = list(st.refused_cohorts)
+        self._plans = dict(st.plans)
+
+    def _resumed(self, st: CoordinatorState) -> None:
+        if st.phase == "finished":
+            self._finish(st.outcome, self.record.opened_at, ok=st.ok)
+            self.budget_exhausted = st.budget_exhausted
+            return
+        self._reoffer = (self.round, self.attempt)
+        old = st.plans.get(self.round)
+        if old is not None and old.digest != self.plan.digest:
+            # Only the enrolment can change it (packed presets size lanes by it).
+            log.warning("round %d re-opened with another plan than before the restart "
+                        "(enrolment changed?): clients retrain", self.round)  # fmt: skip
+        log.info("resumed run %s at round %d (attempt %d): re-offering it to every client",
+                 self.settings.run, self.round, self.attempt)  # fmt: skip
 
     # -- state ---------------------------------------------------------------------------
     def _open(self, now: float) -> None:
@@ -174,9 +235,11 @@ class Coordinator:
         self._check_peer(peer)
         if self.phase == "finished":
             return Finished(ok=self.ok, reason=self.outcome, rounds=len(self.history))
+        # A restored round is offered even to a client that says it finished it.
+        done = (self.round, self.attempt) <= (after, attempt)
         if (
             self.phase != "collecting"
-            or (self.round, self.attempt) <= (after, attempt)
+            or (done and self._reoffer != (self.round, self.attempt))
             or peer in self.acc.clients
             or peer in self.declined
         ):
@@ -221,13 +284,8 @@ class Coordinator:
         # refusal), then whether the signed plan, model and DP are this round's.
         self.acc.add(update, peer=peer, also=self._check_plan)
         self.record.bytes_up += len(blob)
-        log.info(
-            "round %d: update from %s accepted (%d/%d)",
-            self.round,
-            peer,
-            self.acc.count,
-            len(self.enrolled()),
-        )
+        log.info("round %d: update from %s accepted (%d/%d)",
+                 self.round, peer, self.acc.count, len(self.enrolled()))  # fmt: skip
         return Accepted(round=self.round, count=self.acc.count)
 
     def decline(self, peer: str, round: int, reason: str, detail: str, now: float) -> None:
@@ -278,23 +336,13 @@ class Coordinator:
             and count >= s.min_clients
         )
         if complete or late:
-            self.phase = "decrypting"
-            self.record.closed_at = now
-            self.record.participants = tuple(sorted(self.acc.clients))
-            log.info(
-                "round %d closed with %d clients%s",
-                self.round,
-                count,
-                " at the deadline" if late and not complete else "",
-            )
+            self._close(self.acc.result_manifest(), now)
+            log.info("round %d closed with %d clients%s", self.round, count,
+                     " at the deadline" if late and not complete else "")  # fmt: skip
             return DecryptRequest(self.round, self.acc.result().encode())
         if elapsed >= s.give_up_s:
-            self._finish(
-                f"round {self.round} had {count} < min_clients {s.min_clients} uploads "
-                f"after {elapsed:.0f}s",
-                now,
-                ok=False,
-            )
+            self._finish(f"round {self.round} had {count} < min_clients {s.min_clients} "
+                         f"uploads after {elapsed:.0f}s", now, ok=False)  # fmt: skip
         return None
 
     def decrypted(
@@ -309,11 +357,8 @@ class Coordinator:
         if average.shape != self.params.shape:
             raise TrainingError("decrypted aggregate has the wrong length")
         self.params = self.rule.apply(self.params, average)
-        losses = [
-            s.statement.loss for s in self.acc.result_manifest() if s.statement.loss is not None
-        ]
-        if losses:
-            self.loss_ref = min(losses)
+        if self._losses:
+            self.loss_ref = min(self._losses)
         record = self.record
         record.finished_at = now
         record.info = dict(info)
@@ -324,6 +369,32 @@ class Coordinator:
         else:
             self._open(now)
         return record
+
+    def _close(self, manifest: tuple[SignedStatement, ...], now: float) -> None:
+        self.phase = "decrypting"
+        self.record.closed_at = now
+        self.record.participants = tuple(sorted({s.statement.client for s in manifest}))
+        self._losses = [s.statement.loss for s in manifest if s.statement.loss is not None]
+
+    def resume_decrypting(self, attempt: int, aggregate: bytes, now: float) -> DecryptRequest:
+        """After a restart: the open round's aggregate was already sent (its exact bytes
+        were kept); close the round on it again, to re-send those bytes."""
+        try:
+            agg = EncryptedAggregate.decode(aggregate)
+        except EnvelopeError as exc:
+            raise CheckpointError("corrupt", f"pending aggregate: {exc}") from None
+        where = (agg.run, agg.round, attempt)
+        if self.phase != "collecting" or where != (self.settings.run, self.round, self.attempt):
+            raise CheckpointError("mismatch", f"pending aggregate of (run, round, attempt) "
+                                  f"{where} while round {self.round} is {self.phase}")  # fmt: skip
+        self._close(agg.manifest, now)
+        return DecryptRequest(self.round, aggregate)
+
+    def reopen_clock(self, now: float) -> None:
+        """The adapter held the open round back (its checkpoint was not durable yet):
+        its give-up delay counts from ``now`` unless it was handed out already."""
+        if self.phase == "collecting" and self.announced_at is None:
+            self.record.opened_at = now
 
     def annotate(self, round: int, metrics: Mapping[str, Any]) -> None:
         """Attach evaluation metrics to a finished round's record."""
@@ -352,29 +423,17 @@ class Coordinator:
                 self.attempt += 1
                 self._open(now)
                 return
-            self._finish(
-                f"round {round} refused {self.attempt + 1} times by the key holder: "
-                + "; ".join(self.refused_cohorts),
-                now,
-                ok=False,
-            )
+            self._finish(f"round {round} refused {self.attempt + 1} times by the key holder: "
+                         + "; ".join(self.refused_cohorts), now, ok=False)  # fmt: skip
             return
         if reason == "budget_exceeded" or (reason is None and "budget_exceeded" in text):
             self.budget_exhausted = True
-            self._finish(
-                f"privacy budget reached: round {round} not released ({text}); "
-                f"{len(self.history)} rounds completed",
-                now,
-                ok=True,
-            )
+            self._finish(f"privacy budget reached: round {round} not released ({text}); "
+                         f"{len(self.history)} rounds completed", now, ok=True)  # fmt: skip
         else:
             earlier = f"; refused before: {'; '.join(self.refused_cohorts)}"
-            self._finish(
-                f"key holder refused round {round}: {text}"
-                + (earlier if self.refused_cohorts else ""),
-                now,
-                ok=False,
-            )
+            self._finish(f"key holder refused round {round}: {text}"
+                         + (earlier if self.refused_cohorts else ""), now, ok=False)  # fmt: skip
 
     def _finish(self, outcome: str, now: float, *, ok: bool) -> None:
         self.phase = "finished"

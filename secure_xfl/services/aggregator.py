@@ -4,6 +4,16 @@ Clients (role ``client``) call ``hello``, ``task`` and ``upload``; a background
 loop ticks the coordinator and forwards closed rounds to the key holder. All
 coordinator calls are serialised by one lock and run in a worker thread, since
 CKKS accumulation is CPU-bound.
+
+Crash safety (files: :mod:`.aggregator_state`). A fresh start writes a checkpoint of
+round 0 before serving; a start that finds one resumes from it, asks the key holder
+for its last released round and reconciles (re-sending a pending aggregate, or
+refusing to start when a round would be skipped or applied twice). A closed round's
+aggregate is written to ``pending.bin`` before it is sent, and the same bytes are
+re-sent while the key holder is unreachable or answers ``storage_unavailable``. After a
+release the outputs and the checkpoint are written (retried with backoff while they
+cannot be; no client is offered the next round before) and only then is
+``pending.bin`` deleted. SIGTERM writes a checkpoint and ends the process with 0.
 """
 
 from __future__ import annotations
@@ -18,46 +28,42 @@ from typing import Any
 
 import numpy as np
 
+from secure_xfl import failpoints
 from secure_xfl.crypto.context import check_context_matches, get_preset
 from secure_xfl.crypto.pki import PeerIdentity
 from secure_xfl.errors import SecureXFLError
+from secure_xfl.fsio import StorageError
 from secure_xfl.kit import Kit
 from secure_xfl.protocol import messages
-from secure_xfl.protocol.coordinator import Coordinator, CoordinatorSettings
+from secure_xfl.protocol.checkpoint import Pending, model_layout, settings_digest
+from secure_xfl.protocol.coordinator import Coordinator
 from secure_xfl.protocol.events import DecryptRequest, Finished, RoundRecord, Wait
-from secure_xfl.protocol.plan import LocalTraining
 from secure_xfl.protocol.rules import make_rule
-from secure_xfl.services.runtime import Peer, install_stop_signals, parse_address, watch_crl
+from secure_xfl.services.aggregator_state import (
+    AggregatorFiles,
+    Retry,
+    coordinator_settings,
+    default_checkpoint_dir,
+    reconcile,
+    round_line,
+    until_stop,
+)
+from secure_xfl.services.runtime import (
+    GaveUp,
+    Peer,
+    install_stop_signals,
+    parse_address,
+    watch_crl,
+)
 from secure_xfl.transport.errors import RemoteError
 from secure_xfl.transport.rpc import RpcServer
 
 log = logging.getLogger("secure_xfl.aggregator")
 
+__all__ = ["AggregatorService", "coordinator_settings", "request_limits", "serve_aggregator"]
 
-def coordinator_settings(kit: Kit) -> CoordinatorSettings:
-    """What this aggregator proposes, from its own kit (clients and key holder check it)."""
-    cfg = kit.config
-    rule = cfg.round.rule
-    return CoordinatorSettings(
-        run=cfg.federation.run,
-        rounds=cfg.federation.rounds,
-        min_clients=cfg.federation.min_clients,
-        timeout_s=cfg.round.timeout_s,
-        dp=cfg.dp_spec(),
-        record=cfg.record_floor(),
-        local=LocalTraining(
-            local_steps=cfg.round.local_steps,
-            local_lr=cfg.round.local_lr,
-            batch_size=cfg.round.batch_size,
-            fedprox_mu=cfg.round.fedprox_mu,
-        ),
-        weighting=cfg.round.weighting,
-        # e^{-L} weights are already ≤ 1; dividing them by a large cap would only
-        # amplify the CKKS error floor.
-        weight_cap=1.0 if rule == "dynamic" else cfg.round.effective_weight_cap,
-        max_staleness=cfg.round.max_staleness,
-        max_refused=cfg.privacy.max_refused_decryptions,
-    )
+#: Key-holder answers that mean "not now": the same pending bytes are sent again.
+STORAGE_UNAVAILABLE = "storage_unavailable"
 
 
 class AggregatorService:
@@ -79,15 +85,22 @@ class AggregatorService:
         ctx = kit.public_context()
         check_context_matches(ctx, self.preset)
         self._certs = kit.client_certificates()
-        self.core = Coordinator(
-            coordinator_settings(kit),
-            ctx=ctx,
-            preset=self.preset,
-            enrolled=self._enrolled,
-            model=model,
-            rule=make_rule(cfg.round.rule, lr=cfg.round.server_lr),
-            now=time.monotonic(),
+        settings = coordinator_settings(kit)
+        rule = make_rule(cfg.round.rule, lr=cfg.round.server_lr)
+        layout, numel = model_layout(model)
+        self.files = AggregatorFiles(
+            default_checkpoint_dir(kit.path, out_dir),
+            out_dir,
+            run=settings.run,
+            pending_limit=cfg.transport.max_message_bytes,
         )
+        digest = settings_digest(settings, preset=self.preset.name, rule=rule.name,
+                                 rule_lr=rule.lr, layout=layout)  # fmt: skip
+        state = self.files.load_checkpoint(numel, digest)  # CheckpointError: refuse to start
+        self.resumed = state is not None
+        self.core = Coordinator(settings, ctx=ctx, preset=self.preset, enrolled=self._enrolled,
+                                model=model, rule=rule, now=time.monotonic(),
+                                state=state)  # fmt: skip
         self.keyholder = Peer(
             tls=kit.tls, role="keyholder", address=keyholder, config=cfg.transport
         )
@@ -95,13 +108,8 @@ class AggregatorService:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()  # an input arrived: the round may be due now
         self._done_seen: set[str] = set()
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            self._save_model(0)
-            if evaluator is not None:
-                initial = evaluator(self.core.model())
-                (out_dir / "initial.json").write_text(json.dumps(initial))
-                log.info("initial model: %s", json.dumps(initial))
+        self._held = False  # True while the open round's checkpoint is not durable yet
+        self._resend: DecryptRequest | None = None  # a pending aggregate found on resume
 
     def _enrolled(self) -> dict[str, Any]:
         return self._certs
@@ -109,6 +117,39 @@ class AggregatorService:
     def refresh_enrolment(self) -> None:
         """Re-read the kit's client certificates (new clients, revocations)."""
         self._certs = self.kit.client_certificates()
+
+    # -- start-up ----------------------------------------------------------------------
+    async def prepare(self, stop: asyncio.Event) -> bool:
+        """Before serving: write the first checkpoint, or reconcile a resumed one with
+        the key holder (:class:`ResumeRefused` when they disagree). False: stopped."""
+        core = self.core
+        if not self.resumed:
+            self.files.clear_pending()  # a leftover without its checkpoint means nothing
+            if self.evaluator is not None and self.out_dir is not None:
+                initial = self.evaluator(core.model())
+                log.info("initial model: %s", json.dumps(initial))
+                if not await self._durably(lambda: self.files.save_json("initial.json", initial),
+                                           stop):  # fmt: skip
+                    return False
+            return await self._persist(stop)
+        if core.phase == "finished":
+            log.info("run %s already finished before this restart: %s (remove %s to run "
+                     "it again)", core.settings.run, core.outcome, self.files.dir)  # fmt: skip
+            return True
+        pending = self.files.load_pending()
+        info = await self._with_keyholder("status", {"info"}, stop, run=core.settings.run)
+        if info is None:
+            return False
+        decision = reconcile(run=core.settings.run, round=core.round, attempt=core.attempt,
+                             pending=pending, info=info)  # fmt: skip
+        if decision == "resend" and pending is not None:
+            log.info("round %d: re-sending the pending aggregate (sha256 %s) to the key holder",
+                     core.round, pending.digest[:16])  # fmt: skip
+            self._resend = core.resume_decrypting(pending.attempt, pending.aggregate,
+                                                  time.monotonic())  # fmt: skip
+        elif decision == "stale":
+            self.files.clear_pending()
+        return True
 
     # -- client requests ---------------------------------------------------------------
     async def handle(self, peer: PeerIdentity, data: bytes) -> bytes:
@@ -137,6 +178,8 @@ class AggregatorService:
             return messages.encode("ack", round=ack.round, accepted=True, count=ack.count)
 
     def _task(self, name: str, after: int, attempt: int) -> bytes:
+        if self._held:  # the round is open in memory only: offer it once it is durable
+            return messages.encode("wait", retry_s=1.0)
         out = self.core.task(name, after, time.monotonic(), attempt)
         if isinstance(out, Finished):
             self._done_seen.add(name)
@@ -154,13 +197,43 @@ class AggregatorService:
         self._wake.set()  # the deadline now runs from this first hand-out
         return reply
 
-    # -- the round loop ----------------------------------------------------------------
-    async def _decrypt(self, req: DecryptRequest) -> None:
+    # -- the key holder ----------------------------------------------------------------
+    async def _with_keyholder(
+        self, method: str, expect: set[str], stop: asyncio.Event, **fields: Any
+    ) -> dict[str, Any] | None:
+        """One key-holder call, retried with backoff (the same bytes) while the key holder
+        is unreachable or cannot store its record; ``None`` once ``stop`` is set."""
+        retry = Retry()
+        while True:
+            try:
+                call = self.keyholder.call(method, expect=expect, timeout=600.0, **fields)
+                return await until_stop(call, stop)
+            except RemoteError as exc:
+                if STORAGE_UNAVAILABLE not in (exc.code, exc.reason):
+                    raise
+                log.warning("key holder cannot store its record (%s); retrying %s in %.1fs "
+                            "(the round is not burnt)", exc, method, retry.delay)  # fmt: skip
+            except GaveUp as exc:
+                log.warning("key holder unreachable (%s); retrying %s in %.1fs", exc, method,
+                            retry.delay)  # fmt: skip
+            if not await retry.pause(stop):
+                return None
+
+    async def _decrypt(self, req: DecryptRequest, stop: asyncio.Event, *, fresh: bool) -> None:
+        """Send a closed round's aggregate (kept in ``pending.bin`` first) and apply it."""
         core = self.core
+        if fresh:
+            failpoints.hit("aggregator.after_close", req.round)
+            pending = Pending(core.settings.run, req.round, core.attempt, req.aggregate)
+            if not await self._durably(lambda: self.files.save_pending(pending), stop):
+                return
+            failpoints.hit("aggregator.after_pending", req.round)
         try:
-            reply = await self.keyholder.call(
-                "decrypt", expect={"plain"}, aggregate=req.aggregate, timeout=600.0
-            )
+            reply = await self._with_keyholder("decrypt", {"plain"}, stop,
+                                               aggregate=req.aggregate)  # fmt: skip
+            if reply is None:
+                return  # stopped: the pending aggregate is re-sent after the restart
+            failpoints.hit("aggregator.after_release", req.round)
             vec = messages.unpack_vector(reply.get("vector"), core.layout.numel)
             info = {
                 "participants": reply.get("participants"),
@@ -169,40 +242,84 @@ class AggregatorService:
                 "total_weight": reply.get("total_weight"),
             }
             async with self._lock:
+                self._held = True
                 now = time.monotonic()
                 record = await asyncio.to_thread(core.decrypted, req.round, vec, info, now)
                 if self.evaluator is not None:
                     metrics = await asyncio.to_thread(self.evaluator, core.model())
                     core.annotate(record.round, metrics)
                 self._log_round(record)
-                self._save_model(req.round + 1)
         except RemoteError as exc:
             async with self._lock:
                 core.decrypt_failed(req.round, exc, time.monotonic(), reason=exc.reason)
         except SecureXFLError as exc:
             async with self._lock:
                 core.decrypt_failed(req.round, exc, time.monotonic())
+        else:
+            if not await self._persist(stop):
+                return
+            failpoints.hit("aggregator.after_checkpoint", req.round)
+            await self._durably(self.files.clear_pending, stop)
+            return
+        # Refused: the round re-opens (another attempt) or the run ends; either way the
+        # refused aggregate must never be sent again.
+        if await self._persist(stop):
+            await self._durably(self.files.clear_pending, stop)
+
+    # -- durable state -----------------------------------------------------------------
+    async def _durably(self, write: Callable[[], None], stop: asyncio.Event) -> bool:
+        """Run ``write`` until it succeeds (one ERROR line, then retries with backoff);
+        False when ``stop`` came first."""
+        retry, failing = Retry(), False
+        while True:
+            try:
+                await asyncio.to_thread(write)
+            except StorageError as exc:
+                if not failing:
+                    log.error("%s; keeping the run's state in memory and retrying with backoff "
+                              "(the run goes on once it is written)", exc)  # fmt: skip
+                    failing = True
+                else:
+                    log.warning("still cannot write (attempt %d): %s", retry.attempts + 1, exc)
+                if not await retry.pause(stop):
+                    return False
+            else:
+                if failing:
+                    log.info("state written after %d retries", retry.attempts)
+                return True
+
+    async def _state_writer(self) -> Callable[[], None]:
+        """Writes the outputs of the state now (``global-<round>.npy`` of the open round,
+        ``rounds.jsonl``), then its checkpoint: the commit point of a round."""
+        async with self._lock:
+            state = self.core.snapshot()
+            history = list(self.core.history)
+
+        def write() -> None:
+            self.files.save_outputs(state.round, state.params, history)
+            self.files.save_checkpoint(state)
+
+        return write
+
+    async def _persist(self, stop: asyncio.Event) -> bool:
+        """Write the state (:meth:`_state_writer`) until it is durable; offers of the open
+        round resume only then."""
+        self._held = True
+        if not await self._durably(await self._state_writer(), stop):
+            return False
+        async with self._lock:
+            self.core.reopen_clock(time.monotonic())
+            self._held = False
+        self._wake.set()
+        return True
 
     def _log_round(self, rec: RoundRecord) -> None:
-        line = {
-            "round": rec.round,
-            "participants": list(rec.participants),
-            "bytes_up": rec.bytes_up,
-            "bytes_down": rec.bytes_down,
-            "seconds": round(rec.finished_at - rec.opened_at, 3),
-            **{k: v for k, v in rec.info.items() if k != "participants"},
-        }
-        log.info("round %d done: %s", rec.round, json.dumps(line))
-        if self.out_dir is not None:
-            with open(self.out_dir / "rounds.jsonl", "a") as fh:
-                fh.write(json.dumps(line) + "\n")
+        line = json.dumps(
+            round_line(rec), default=lambda v: v.item() if isinstance(v, np.generic) else str(v)
+        )
+        log.info("round %d done: %s", rec.round, line)
 
-    def _save_model(self, round: int) -> None:
-        if self.out_dir is None:
-            return
-        params = self.core.params
-        np.save(self.out_dir / f"global-{round}.npy", params, allow_pickle=False)
-
+    # -- the round loop ----------------------------------------------------------------
     async def _sleep_until(self, deadline: float | None, stop: asyncio.Event) -> None:
         """Sleep until the coordinator's next deadline, an input, or ``stop``."""
         self._wake.clear()
@@ -213,35 +330,46 @@ class AggregatorService:
             task.cancel()
 
     async def run(self, stop: asyncio.Event, *, linger_s: float = 30.0) -> bool:
-        """Drive the coordinator until the run finishes (or ``stop``); then let clients
-        hear ``done``."""
+        """Drive the coordinator until the run finishes (then let clients hear ``done``),
+        or until ``stop`` (then checkpoint: True when that checkpoint is durable)."""
         core = self.core
+        resend, self._resend = self._resend, None
+        if resend is not None:
+            await self._decrypt(resend, stop, fresh=False)
         while not stop.is_set() and core.phase != "finished":
             async with self._lock:
                 req = core.handle_timer(time.monotonic())
                 deadline = core.next_deadline()
             if req is not None:
-                await self._decrypt(req)
-            else:
+                await self._decrypt(req, stop, fresh=True)
+            elif deadline is not None:  # None: handle_timer just ended the run
                 await self._sleep_until(deadline, stop)
+        if core.phase != "finished":
+            return await self.checkpoint_on_stop()
+        await self._persist(stop)  # the finished state: a restart only says so
+        outcome = {"ok": core.ok, "outcome": core.outcome, "rounds": len(core.history),
+                   "budget_exhausted": core.budget_exhausted}  # fmt: skip
+        await self._durably(lambda: self.files.save_json("outcome.json", outcome), stop)
         deadline_end = time.monotonic() + linger_s
         while not stop.is_set() and time.monotonic() < deadline_end:
             if self._done_seen >= set(self._certs):
                 break
             await asyncio.sleep(0.1)
         await self.keyholder.close()
-        if self.out_dir is not None:
-            (self.out_dir / "outcome.json").write_text(
-                json.dumps(
-                    {
-                        "ok": core.ok,
-                        "outcome": core.outcome,
-                        "rounds": len(core.history),
-                        "budget_exhausted": core.budget_exhausted,
-                    }
-                )
-            )
         return core.ok
+
+    async def checkpoint_on_stop(self) -> bool:
+        """After SIGTERM: write the checkpoint; True when it is durable."""
+        await self.keyholder.close()
+        try:
+            await asyncio.to_thread(await self._state_writer())
+        except StorageError as exc:
+            log.error("stopped, but the checkpoint could not be written (%s): a restart "
+                      "resumes from the last durable one", exc)  # fmt: skip
+            return False
+        log.info("checkpointed at round %d; restart with the same command to resume",
+                 self.core.round)  # fmt: skip
+        return True
 
 
 def request_limits(core: Coordinator) -> Callable[[str], int]:
@@ -277,7 +405,9 @@ async def serve_aggregator(
     evaluator: Callable[[dict[str, np.ndarray]], dict[str, float]] | None = None,
     ready: Any = None,
 ) -> bool:
-    """Run the aggregator until the run ends or SIGTERM; True when all rounds completed."""
+    """Run the aggregator until the run ends or SIGTERM; True when all rounds completed,
+    or when SIGTERM left a durable checkpoint to resume from. A checkpoint that cannot be
+    used, or that the key holder contradicts, raises a typed error before serving."""
     service = AggregatorService(
         kit,
         keyholder=keyholder,
@@ -285,6 +415,10 @@ async def serve_aggregator(
         out_dir=out_dir,
         evaluator=evaluator,
     )
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    if not await service.prepare(stop):
+        return await service.checkpoint_on_stop()
     server = RpcServer(
         tls=kit.tls,
         allowed_roles=("client",),
@@ -296,8 +430,6 @@ async def serve_aggregator(
     bound = await server.start(host, port)
     if ready is not None:
         ready(bound)
-    stop = asyncio.Event()
-    install_stop_signals(stop)
     watcher = asyncio.ensure_future(
         watch_crl(kit, server, stop, on_change=service.refresh_enrolment)
     )
