@@ -16,10 +16,8 @@ unsafe way to fail.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 from secure_xfl.crypto.errors import EnvelopeError
 from secure_xfl.crypto.recordspec import RecordDPFloor, RecordDPSpec
 from secure_xfl.errors import PrivacyError
+from secure_xfl.fsio import StorageError, atomic_write, read_bounded
 from secure_xfl.privacy.accountant import AccountingError, calibrate_noise, epsilon
 
 __all__ = ["STATE_FILE", "RecordBudgetExhausted", "SiloAccount", "SiloStateError"]
@@ -93,15 +92,11 @@ class SiloAccount:
     ) -> SiloAccount:
         """Read the state (an absent file is an empty account)."""
         acct = cls(path, delta, target, budget, max(1, rounds))
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
+        if not path.exists():
             return acct
-        if size > _MAX_BYTES:
-            raise SiloStateError(f"{path} is larger than {_MAX_BYTES} bytes")
         try:
-            data = json.loads(path.read_bytes())
-        except (OSError, ValueError) as exc:
+            data = json.loads(read_bounded(path, _MAX_BYTES))
+        except (StorageError, ValueError) as exc:
             raise SiloStateError(
                 f"cannot read {path}: {exc}. It records the privacy this silo has spent: "
                 "restore it, or move it away knowingly (the spent ε is then forgotten)"
@@ -168,28 +163,12 @@ class SiloAccount:
         self.entries.append(entry)
 
     def _write(self, entries: list[dict[str, Any]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         body = json.dumps({"version": _VERSION, "entries": entries}, indent=1).encode()
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.replace(tmp, self.path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            atomic_write(self.path, body)
+        except StorageError as exc:
+            # Charged before training: a charge that cannot be recorded means no round.
+            raise SiloStateError(f"cannot record the record-level charge: {exc}") from exc
 
     def summary(self) -> str:
         """One line for logs."""

@@ -8,6 +8,12 @@ typed actions the adapter performs (:class:`Call`, :class:`Train`,
 owns the network, the trainer and the key; this class owns the decisions:
 which plan to accept (:class:`ClientPolicy`), what weight to sign, when a
 closed round's update re-targets a newer buffer and when it is dropped.
+
+After the adapter had to reconnect (:meth:`ClientRound.reconnected`) the aggregator
+may be a new process: a restarted one re-opens the round that was collecting and
+offers it again even to a client that already uploaded it, and one that lost its
+state may be behind this client. The machine says ``hello`` again and follows the
+aggregator's answer rather than its own memory of the run.
 """
 
 from __future__ import annotations
@@ -133,6 +139,7 @@ class ClientRound:
         self._pending: tuple[RoundPlan, DPSpec | None, Trained] | None = None
         self._target = -1
         self._retarget_until = 0.0
+        self._rejoining = False
 
     # -- clock -------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -184,10 +191,29 @@ class ClientRound:
             self.state = "retargeting"
             self._retarget_until = now + RETARGET_PATIENCE_S
             return [Call("hello", {})]
-        if code in ("duplicate_update", "round_closed"):
+        # plan_mismatch: the round was re-proposed (typically by a restarted aggregator
+        # that could not restore it); the update is useless, the run is not.
+        if code in ("duplicate_update", "round_closed", "plan_mismatch"):
             log.warning("round %d upload not counted: %s: %s", self._target, code, message)
             return self._finish_round()
         raise messages.ProtocolError(f"upload refused: {code}: {message}")
+
+    def reconnected(self, now: float) -> list[Action]:
+        """The adapter had to open a new connection: the aggregator may have restarted.
+        Say hello again (before the actions the last reply produced) to learn where the
+        run stands now."""
+        if self.state in ("joining", "done"):
+            return []
+        self._rejoining = True
+        return [Call("hello", {})]
+
+    def upload_dropped(self, detail: str) -> list[Action]:
+        """The adapter cannot upload the pending round's update (e.g. a re-sent upload
+        cannot be re-targeted to another round): count it as not delivered."""
+        if self.state != "uploading" or self._pending is None:
+            raise messages.ProtocolError("upload_dropped() without a pending upload")
+        log.warning("round %d update dropped: %s", self._target, detail)
+        return self._finish_round()
 
     def refuse_training(self, reason: str, detail: str) -> list[Action]:
         """The pending round cannot be trained within this client's own policy (its
@@ -217,6 +243,9 @@ class ClientRound:
         return Call("task", {"after": self.last, "attempt": self.last_attempt})
 
     def _on_welcome(self, msg: Mapping[str, Any], now: float) -> list[Action]:
+        if self._rejoining:
+            self._rejoining = False
+            self._rejoin(msg)
         if self.state == "joining":
             self.state = "idle"
             log.info("joined run %s at round %s", msg.get("run"), msg.get("round"))
@@ -237,6 +266,25 @@ class ClientRound:
             return self._finish_round()
         self._deadline = now + RETARGET_POLL_S  # the closed round may still be decrypting
         return []
+
+    def _rejoin(self, msg: Mapping[str, Any]) -> None:
+        """A ``welcome`` after a reconnect: follow the aggregator's view of the run."""
+        run = msg.get("run")
+        at = messages.require(msg, "round", int, lo=0, hi=2**31)
+        log.info("reconnected: the aggregator's run %s is at round %d (%s)",
+                 run, at, msg.get("phase"))  # fmt: skip
+        if run != self.policy.run:
+            log.warning("the aggregator now runs %r, not %r: its plans will be refused",
+                        run, self.policy.run)  # fmt: skip
+        if self.state == "idle" and at <= self.last:
+            # Not past this client's last round: it may have restarted (a resumed
+            # aggregator re-offers its re-opened round anyway; one that lost rounds
+            # would otherwise never be asked for a round by this client). A client
+            # already counted in that round is simply told to wait.
+            (log.warning if at < self.last else log.info)(
+                "the aggregator is at round %d, not past this client's round %d: asking "
+                "for its current round", at, self.last)  # fmt: skip
+            self.last, self.last_attempt = at - 1, 0
 
     def _on_round(self, msg: Mapping[str, Any]) -> list[Action]:
         plan = RoundPlan.from_wire(messages.require(msg, "plan", list))

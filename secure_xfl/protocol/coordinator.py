@@ -284,6 +284,8 @@ class Coordinator:
         # refusal), then whether the signed plan, model and DP are this round's.
         self.acc.add(update, peer=peer, also=self._check_plan)
         self.record.bytes_up += len(blob)
+        if self.announced_at is None:  # a re-sent upload after a resume, before any task
+            self.announced_at = self.record.opened_at
         log.info("round %d: update from %s accepted (%d/%d)",
                  self.round, peer, self.acc.count, len(self.enrolled()))  # fmt: skip
         return Accepted(round=self.round, count=self.acc.count)

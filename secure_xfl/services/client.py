@@ -5,6 +5,12 @@ policy, which weight to sign, when to re-target); this module moves messages,
 runs the :class:`Trainer` in a worker thread, privatises with the DP spec the
 state machine accepted, encrypts under the public context and signs with this
 client's certificate key.
+
+It rides out an aggregator restart: the :class:`Peer` keeps reconnecting with backoff
+for ``transport.connect_deadline_s`` (then :class:`GaveUp`: exit 1, one ERROR line),
+and after a reconnect the state machine says ``hello`` again. Its last sealed upload is
+kept in ``KIT/state/last-upload.bin`` (:mod:`secure_xfl.services.upload_cache`) so a
+re-opened round is answered with the same bytes, not retrained.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from secure_xfl.services.runtime import (
     PermanentFailure,
     install_stop_signals,
 )
+from secure_xfl.services.upload_cache import CachedUpload, load_upload, save_upload
 from secure_xfl.training.lm import ModelError
 from secure_xfl.training.trainer import Trainer
 from secure_xfl.transport.errors import RemoteError
@@ -114,6 +121,14 @@ class ClientService:
             log.info("record-level DP: %s", self.silo.summary())
         self.outcome: Done | None = None
         self._vectors: dict[int, tuple[np.ndarray, Any]] = {}  # base round -> (vec, layout)
+        self._trained: tuple[int, Trained] | None = None  # (base round, report) to cache
+        self._state_dir = kit.path / "state"
+        self._cache = load_upload(
+            self._state_dir, client=self.name, cert=kit.tls.certificate,
+            limit=kit.config.transport.max_message_bytes,
+        )  # fmt: skip
+        self._resend: CachedUpload | None = None  # the cached upload answering this plan
+        self._reconnected = False  # the action being performed had to reconnect
 
     @property
     def rounds_done(self) -> list[int]:
@@ -145,6 +160,17 @@ class ClientService:
             spec.steps, self.silo.summary(),
         )  # fmt: skip
         return spec
+
+    def _cached_for(self, act: Train) -> CachedUpload | None:
+        """The sealed upload answering exactly this plan, if this client kept one."""
+        cached = self._cache
+        if cached is None or not cached.matches(act.plan):
+            return None
+        if not cached.fits(act.dp, act.record):
+            log.warning("round %d: the cached upload does not meet this kit's DP today; "
+                        "retraining", act.plan.round)  # fmt: skip
+            return None
+        return cached
 
     def _train(self, act: Train, record: RecordDPSpec | None) -> Trained:
         settings: dict[str, Any] = {
@@ -184,9 +210,11 @@ class ClientService:
             result.num_samples,
             result.loss,
         )
-        return Trained(
+        trained = Trained(
             result.num_samples, result.loss, None if rate is None else float(rate), record
         )
+        self._trained = (act.plan.round, trained)
+        return trained
 
     def _seal(self, act: SealAndUpload) -> bytes:
         """Clip, noise (fresh for every seal: only one copy is ever accepted), encrypt, sign."""
@@ -219,14 +247,58 @@ class ClientService:
             len(blob) / 1e6,
             act.round - act.base_round,
         )
+        if self._trained is not None and self._trained[0] == plan.round:
+            # Kept before it is sent: a restart mid-upload re-sends these bytes.
+            self._cache = CachedUpload(
+                run=plan.run, round=plan.round, attempt=plan.attempt,
+                plan_digest=plan.digest, target=act.round, trained=self._trained[1], blob=blob,
+            )  # fmt: skip
+            save_upload(self._state_dir, self._cache)
         return blob
 
+    def _upload_blob(self, act: SealAndUpload) -> bytes | None:
+        """The bytes to upload: the cached ones when this plan was sealed before (None:
+        they cannot answer ``act``), else a fresh seal."""
+        cached = self._resend  # set for this plan's Train only (reset by the next one)
+        if cached is None:
+            return self._seal(act)
+        if cached.target != act.round or not cached.matches(act.plan):
+            return None  # re-targeted: no update vector here to seal for another round
+        log.info("round %d: re-sent the same sealed upload (%.2f MB, run %s, attempt %d, "
+                 "plan %s)", act.round, len(cached.blob) / 1e6, cached.run,
+                 cached.attempt, cached.plan_digest.hex()[:12])  # fmt: skip
+        return cached.blob
+
+    async def _call(self, method: str, expect: set[str], **fields: Any) -> dict[str, Any]:
+        """One call; notes whether it had to reconnect (the aggregator may be new)."""
+        before = self.peer.connections
+        reply = await self.peer.call(method, expect=expect, **fields)
+        self._reconnected = self._reconnected or (before > 0 and self.peer.connections > before)
+        return reply
+
     async def _perform(self, act: Action) -> list[Action]:
+        """Perform one action; after a reconnect the machine's ``hello`` goes first."""
+        self._reconnected = False
+        actions = await self._perform_one(act)
+        if self._reconnected:
+            return [*self.machine.reconnected(time.monotonic()), *actions]
+        return actions
+
+    async def _perform_one(self, act: Action) -> list[Action]:
         m, now = self.machine, time.monotonic
         if isinstance(act, Call):
-            reply = await self.peer.call(act.method, expect=_EXPECT[act.method], **act.fields)
+            reply = await self._call(act.method, _EXPECT[act.method], **act.fields)
             return m.on_reply(reply["t"], reply, now())
         if isinstance(act, Train):
+            self._resend, self._vectors = None, {}
+            cached = self._cached_for(act)
+            if cached is not None:
+                # Same run, round, attempt and plan: no retraining, no new record-level
+                # charge (the silo paid for this attempt), no new noise.
+                log.info("round %d: this plan was trained and sealed before; re-sending "
+                         "that upload (not retraining)", act.plan.round)  # fmt: skip
+                self._resend = cached
+                return m.trained(cached.trained)
             record = None
             if act.record is not None:
                 try:
@@ -235,22 +307,21 @@ class ClientService:
                     return m.refuse_training(exc.reason, str(exc))
             return m.trained(await asyncio.to_thread(self._train, act, record))
         if isinstance(act, SealAndUpload):
-            blob = await asyncio.to_thread(self._seal, act)
+            blob = await asyncio.to_thread(self._upload_blob, act)
+            if blob is None:
+                return m.upload_dropped("a re-sent upload cannot be re-targeted to round "
+                                        f"{act.round}")  # fmt: skip
             try:
-                reply = await self.peer.call(
-                    "upload",
-                    expect={"ack"},
-                    round=act.round,
-                    update=blob,
-                    throughput=act.throughput,
-                    timeout=600.0,
-                )
+                reply = await self._call(
+                    "upload", {"ack"}, round=act.round, update=blob,
+                    throughput=act.throughput, timeout=600.0,
+                )  # fmt: skip
             except RemoteError as exc:
                 return m.on_error(exc.code, exc.message, now())
             return m.on_reply("ack", reply, now())
         if isinstance(act, Decline):
-            reply = await self.peer.call(
-                "decline", expect={"ack"}, round=act.round, reason=act.reason, detail=act.detail
+            reply = await self._call(
+                "decline", {"ack"}, round=act.round, reason=act.reason, detail=act.detail
             )
             return m.on_reply("ack", reply, now())
         self.outcome = act
@@ -323,5 +394,10 @@ async def serve_client(kit: Kit, *, aggregator: str, trainer: Trainer) -> int:
         return EXIT_PERMANENT
     except GaveUp as exc:
         log.error("%s", exc)
+        return EXIT_FAILED
+    except (RemoteError, messages.ProtocolError) as exc:
+        # The aggregator refused a request or answered out of protocol: the run failed
+        # (exit 1, one line), it is not a usage error of this client (exit 2).
+        log.error("run failed: the aggregator at %s: %s", aggregator, exc)
         return EXIT_FAILED
     return exit_status(service, ok)

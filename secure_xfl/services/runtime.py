@@ -246,7 +246,10 @@ class Peer:
     Transient failures (see :func:`classify`) are retried with exponential backoff and
     jitter until ``max_wait_s`` (default: the transport's ``connect_deadline_s``), then
     :class:`GaveUp` is raised; permanent ones raise :class:`PermanentFailure` at once;
-    a request the peer refused raises its :class:`RemoteError`.
+    a request the peer refused raises its :class:`RemoteError`. A peer that goes away
+    (a restart) is thus ridden out for that window; :attr:`connections` counts the
+    connections made, so a caller can tell that a reply came over a new one (from what
+    may be a new process).
     """
 
     def __init__(
@@ -268,6 +271,8 @@ class Peer:
         self.max_wait_s = config.connect_deadline_s if max_wait_s is None else max_wait_s
         self._clock, self._sleep, self._jitter = clock, sleep, jitter
         self._client: RpcClient | None = None
+        self.connections = 0
+        """Connections established so far (a reconnect increments it)."""
 
     @property
     def label(self) -> str:
@@ -304,10 +309,15 @@ class Peer:
         payload = messages.encode(msg_type, **fields)
         backoff = self.backoff()
         while True:
-            connected = self._client is not None
             try:
                 if self._client is None:
                     self._client = await self._connect(backoff)
+                    self.connections += 1
+                    if backoff.attempts:
+                        log.info("%s %s after %.1f s (%d failed attempts)",
+                                 "reconnected to" if self.connections > 1 else "connected to",
+                                 self.label, self._clock() - backoff.start,
+                                 backoff.attempts)  # fmt: skip
                 reply = await self._client.call(payload, timeout=timeout)
             except (TransportError, OSError) as exc:
                 kind = classify(exc)
@@ -317,8 +327,11 @@ class Peer:
                     await self.close()  # the connection is gone or never was
                 if kind is Failure.PERMANENT:
                     raise PermanentFailure(self.label, exc) from exc
-                if connected and not isinstance(exc, RemoteError):
-                    log.warning("call to %s failed (%s); reconnecting", self.label, exc)
+                if (
+                    backoff.attempts == 0 and self.connections and not isinstance(exc, RemoteError)
+                ):  # once per outage of a peer we had reached: it may be restarting
+                    log.warning("%s unreachable; reconnecting for up to %.0f s (%s)",
+                                self.label, backoff.remaining(), exc)  # fmt: skip
                 await backoff.wait(self.label, exc)
             else:
                 return messages.decode(reply, expect=expect)

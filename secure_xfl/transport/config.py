@@ -43,10 +43,12 @@ class TransportConfig:
     handshake_timeout_s: float = 10.0
     """A connection whose handshake (including certificate checks and the peer's
     confirmation) does not finish within this is abandoned."""
-    connect_deadline_s: float = 300.0
+    connect_deadline_s: float = 600.0
     """How long a party keeps retrying a peer it cannot reach (no response, handshake
     timeout, connection dropped, ``busy``) before giving up, with exponential backoff
-    and jitter between attempts; counted from the first attempt of each call. A
+    and jitter between attempts; counted from the first attempt of each call. This is
+    the window a client rides out an aggregator restart in (and an aggregator a key
+    holder's): 10 minutes covers a process restart or a VM being rescheduled. A
     permanent failure (a refused certificate, the wrong role, not enrolled, revoked)
     is never retried."""
     idle_timeout_s: float = 60.0

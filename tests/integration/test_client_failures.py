@@ -61,7 +61,7 @@ def test_permanent_and_transient_failures(tmp_path: Path) -> None:
     with federation(root) as fed:
         kh_port = fed.start_keyholder()
         starts = {"alpha": time.monotonic()}
-        _start_client(fed, "alpha", kh_port)  # default deadline (300 s): must not matter
+        _start_client(fed, "alpha", kh_port)  # default deadline (600 s): must not matter
         starts["beta"] = time.monotonic()
         _start_client(fed, "beta", closed)
 

@@ -51,8 +51,10 @@ def _root(tmp: Path) -> Path:
         federation={"rounds": ROUNDS, "min_clients": 2},
         privacy={"noise_multiplier": 1.0, "clip_norm": 1.0},
         round={"timeout_s": 60.0, "weight_cap": 1000.0, "weighting": "client"},
-        # Long enough for every restart below; short enough that a bug fails fast.
-        transport={"connect_deadline_s": 120.0},
+        # Long enough for every restart below; short enough that a bug fails fast. A
+        # client notices a dead aggregator when its QUIC connection idles out (no
+        # ICMP reaches an unconnected UDP socket): 15 s here instead of the default 60.
+        transport={"connect_deadline_s": 120.0, "idle_timeout_s": 15.0, "stream_timeout_s": 15.0},
     )
 
 

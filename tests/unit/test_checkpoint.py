@@ -156,6 +156,25 @@ def test_restored_round_is_offered_again_to_clients_that_say_they_finished_it() 
     assert isinstance(back.task("b", after=-1, attempt=0), Offer)
 
 
+def test_restored_round_times_out_even_when_only_re_sent_uploads_arrive() -> None:
+    """After a resume, clients may re-send cached uploads without asking for the task:
+    the round's deadline must still run (it closes with min_clients at the timeout)."""
+    back = roundtrip(coordinator())
+    _, public = contexts()
+    plan, model = back.plan, back.model()
+    layout = layout_of({k: torch.from_numpy(v) for k, v in model.items()})
+    for name in ("a", "b"):  # never asked for the task: straight to upload
+        blob = protect_vector(
+            np.full(NUMEL, VALUES[name]), dp=None, ctx=public, preset=get_preset("xfl-default"),
+            layout=layout, run="r", round=plan.round, client=name, signing_key=KEYS[name],
+            weight=1.0, plan_digest=plan.digest, base_model_digest=plan.model_digest,
+        ).encode()  # fmt: skip
+        back.upload(name, plan.round, blob)
+    assert back.announced_at is not None, "an upload must start the round's deadline"
+    assert back.handle_timer(back.announced_at + 1.0) is None  # c may still come
+    assert back.handle_timer(back.announced_at + 11.0) is not None  # 2 ≥ min_clients
+
+
 def test_pending_aggregate_is_resumed_with_the_same_bytes(tmp_path: Path) -> None:
     core, kh = coordinator(), keyholder(tmp_path)
     for n in NAMES:
