@@ -385,9 +385,9 @@ class KeyHolder:
             log.info("round %d of run %s re-sent: same aggregate, nothing new released",
                      agg.round, agg.run)  # fmt: skip
             return DecryptedAggregate(release, vector, total, repeat=True)
-        failpoints.hit("keyholder.after_decrypt")
+        failpoints.hit("keyholder.after_decrypt", agg.round)
         self.record.mark_released(agg.run, agg.round, digest)  # storage_unavailable if not
-        failpoints.hit("keyholder.after_mark")
+        failpoints.hit("keyholder.after_mark", agg.round)
         if self.after_release:
             self.after_release(release)  # the ledger line exists before the plaintext leaves
         log.info("decrypted run %s round %d over %d clients (σ_eff=%.3f)", agg.run,

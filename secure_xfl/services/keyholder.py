@@ -150,7 +150,7 @@ class KeyHolderService:
     def _record_released(self, release: Release) -> None:
         """The released entry, fsynced before the plaintext leaves."""
         self._stored(release)
-        failpoints.hit("keyholder.after_ledger")
+        failpoints.hit("keyholder.after_ledger", release.round)
 
     def _complete(self, release: Release) -> None:
         """A repeat of a released round: its ledger line, if a crash or a full disk kept
@@ -246,7 +246,7 @@ class KeyHolderService:
             noise_multiplier=rel.noise_multiplier,
             epsilon=self.ledger.spent(rel.run, self.kit.config.privacy.delta),
         )
-        failpoints.hit("keyholder.before_reply")
+        failpoints.hit("keyholder.before_reply", rel.round)
         return reply
 
     def status(self, run: str | None = None) -> bytes:
