@@ -13,7 +13,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Collection
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from aioquic import tls
 from aioquic.asyncio.server import QuicServer
@@ -179,6 +179,14 @@ class _ClientProtocol(MessageProtocol):
         self.transmit()
         await asyncio.shield(waiter)
 
+    def error_received(self, exc: Exception) -> None:
+        # The socket is connected, so the kernel reports ICMP "port unreachable": the
+        # server process is gone (killed, restarting). Close now rather than at the idle
+        # timeout, so the caller's backoff reconnects to its successor within seconds.
+        if isinstance(exc, ConnectionRefusedError) and self.closed_error is None:
+            self._quic.close(reason_phrase="peer unreachable (ICMP port unreachable)")
+            self.transmit()
+
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
             state = self.inbound.get(event.stream_id)
@@ -267,10 +275,11 @@ class RpcClient:
             configuration=mtls.build_quic_configuration(self.tls, self.config, is_client=True)
         )
         mtls.install_mutual_tls(connection, self._policy)
-        local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)  # noqa: S104 - ephemeral
+        # A connected socket (remote_addr): the only peer is the server, and the kernel
+        # then reports ICMP errors for it (see _ClientProtocol.error_received).
         transport, protocol = await loop.create_datagram_endpoint(
             lambda: _ClientProtocol(connection, config=self.config),
-            local_addr=local,
+            remote_addr=cast(tuple[str, int], addr),  # the very tuple aioquic sends to
             family=family,
         )
         self._transport, self._protocol = transport, protocol

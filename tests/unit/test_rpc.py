@@ -170,3 +170,33 @@ def test_reply_over_client_limit_is_refused() -> None:
                 await c.call(bytes(90_000) + bytes(20_000), timeout=10)
 
     serve(body, max_message_bytes=10_000_000)
+
+
+def test_a_dead_server_is_noticed_at_once_not_at_the_timeouts() -> None:
+    """Nothing listening: the connected client socket hears ICMP port unreachable and
+    gives up in well under ``handshake_timeout_s`` (a killed or restarting server is
+    then retried by the caller's backoff within seconds, not after the idle timeout)."""
+    import socket
+    import time
+
+    from secure_xfl.transport import HandshakeFailed
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])  # closed again below: nothing listens there
+
+    async def main() -> float:
+        client = RpcClient(
+            tls=identity("client", "c1"),
+            server_role="aggregator",
+            host="127.0.0.1",
+            port=port,
+            config=TransportConfig(handshake_timeout_s=20, idle_timeout_s=30),
+        )
+        start = time.monotonic()
+        with pytest.raises(HandshakeFailed) as err:
+            await client.connect()
+        assert err.value.refusal is None  # transient: retried by the caller
+        return time.monotonic() - start
+
+    assert asyncio.run(main()) < 5.0
