@@ -285,6 +285,7 @@ class RpcClient:
         self._transport, self._protocol = transport, protocol
         protocol.log = client_log
         protocol.udp = UdpBatcher(transport, socket_buffer_bytes=self.config.socket_buffer_bytes)
+        protocol.udp.on_error = protocol.error_received
         protocol.owns_socket = True
         limit = self.config.handshake_timeout_s
         if timeout is not None:

@@ -55,6 +55,9 @@ class UdpBatcher:
 
     def __init__(self, transport: asyncio.DatagramTransport, *, socket_buffer_bytes: int) -> None:
         self.transport = transport
+        self.on_error: Callable[[OSError], None] | None = None
+        """Told of socket errors the batcher reads in asyncio's place (ICMP unreachable
+        on a connected socket: the protocol closes at once instead of idling out)."""
         wrapped = transport.get_extra_info("socket")
         self._sock: socket.socket | None = wrapped.dup() if wrapped is not None else None
         self._gso = self._sock is not None and hasattr(socket, "SOL_UDP")
@@ -86,9 +89,14 @@ class UdpBatcher:
                 data, addr = sock.recvfrom(_RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:  # e.g. ICMP unreachable: leave it to asyncio's own reader
+            except OSError as exc:  # e.g. ICMP unreachable, now consumed: pass it on
+                self._report(exc)
                 return
             handle(data, addr)
+
+    def _report(self, exc: OSError) -> None:
+        if self.on_error is not None and isinstance(exc, ConnectionRefusedError):
+            self.on_error(exc)
 
     # -- sending --------------------------------------------------------------------------
 
@@ -130,6 +138,8 @@ class UdpBatcher:
                 )
             except (BlockingIOError, InterruptedError):
                 pass  # socket buffer full: let the transport queue them
+            except ConnectionRefusedError as exc:  # a pending ICMP error, not GSO's fault
+                self._report(exc)
             except OSError as exc:
                 self._gso = False
                 log.debug("UDP GSO unavailable (%s): sending datagrams one by one", exc)

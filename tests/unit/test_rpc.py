@@ -200,3 +200,39 @@ def test_a_dead_server_is_noticed_at_once_not_at_the_timeouts() -> None:
         return time.monotonic() - start
 
     assert asyncio.run(main()) < 5.0
+
+
+def test_a_server_that_dies_mid_connection_is_noticed_within_seconds() -> None:
+    """The server's socket vanishes without a CONNECTION_CLOSE (as when its process is
+    SIGKILLed): the client's next call fails in seconds with ConnectionClosed (ICMP port
+    unreachable), not after the 30 s idle timeout."""
+    import time
+
+    from secure_xfl.transport import ConnectionClosed, RpcServer
+
+    config = TransportConfig(handshake_timeout_s=5, idle_timeout_s=30, stream_timeout_s=30)
+
+    async def main() -> float:
+        server = RpcServer(
+            tls=identity("aggregator", "agg"),
+            allowed_roles=["client"],
+            handler=handler,
+            config=config,
+        )
+        port = await server.start("127.0.0.1", 0)
+        client = RpcClient(tls=identity("client", "c1"), server_role="aggregator",
+                           host="127.0.0.1", port=port, config=config)  # fmt: skip
+        await client.connect()
+        assert await client.call(b"ping") == b"ping"
+        quic_server = server._server
+        assert quic_server is not None
+        quic_server.udp.close()  # type: ignore[attr-defined]  # the batcher's duplicate
+        quic_server._transport.abort()  # type: ignore[union-attr]  # no CONNECTION_CLOSE
+        start = time.monotonic()
+        with pytest.raises(ConnectionClosed):
+            await client.call(b"sleep0.1", timeout=25)
+        took = time.monotonic() - start
+        await client.close()
+        return took
+
+    assert asyncio.run(main()) < 5.0
