@@ -196,6 +196,19 @@ class _ClientProtocol(MessageProtocol):
         super().quic_event_received(event)
 
 
+#: While a call waits for its reply, a PING this often: a server that died meanwhile
+#: (its port closed) then answers with ICMP unreachable within a second, instead of the
+#: call waiting, silent, for the idle timeout.
+PROBE_S = 1.0
+
+
+async def _probe(protocol: _ClientProtocol) -> None:
+    while protocol.closed_error is None:
+        await asyncio.sleep(PROBE_S)
+        protocol._quic.send_ping(-1)  # no waiter: aioquic drops the acknowledgement
+        protocol.transmit()
+
+
 #: mtls's alert reason phrases: ``peer certificate refused: <reason>`` / ``... required``.
 _REFUSED_PHRASE = "peer certificate refused: "
 
@@ -337,6 +350,7 @@ class RpcClient:
             state.watched = False  # the handler may legitimately compute for a long time
             assert state.done is not None
             sender = asyncio.ensure_future(protocol.send_message(stream_id, [payload]))
+            probe = asyncio.ensure_future(_probe(protocol))
             try:
                 async with asyncio.timeout(timeout):
                     data = await state.done
@@ -350,6 +364,7 @@ class RpcClient:
                     protocol.abort_stream(stream_id, ERR_CANCELLED)
                 raise
             finally:
+                probe.cancel()
                 if not sender.done():
                     sender.cancel()
                 with contextlib.suppress(asyncio.CancelledError, TransportError):

@@ -236,3 +236,35 @@ def test_a_server_that_dies_mid_connection_is_noticed_within_seconds() -> None:
         return took
 
     assert asyncio.run(main()) < 5.0
+
+
+def test_a_server_that_dies_while_a_call_waits_is_noticed_within_seconds() -> None:
+    """The request was delivered and the client only waits (nothing of its own in
+    flight): its probes still hear the ICMP unreachable of the vanished server."""
+    import time
+
+    from secure_xfl.transport import ConnectionClosed, RpcServer
+
+    config = TransportConfig(handshake_timeout_s=5, idle_timeout_s=30, stream_timeout_s=30)
+
+    async def main() -> float:
+        server = RpcServer(tls=identity("aggregator", "agg"), allowed_roles=["client"],
+                           handler=handler, config=config)  # fmt: skip
+        port = await server.start("127.0.0.1", 0)
+        client = RpcClient(tls=identity("client", "c1"), server_role="aggregator",
+                           host="127.0.0.1", port=port, config=config)  # fmt: skip
+        await client.connect()
+        call = asyncio.ensure_future(client.call(b"sleep20", timeout=25))
+        await asyncio.sleep(0.5)  # delivered; the handler sleeps
+        quic_server = server._server
+        assert quic_server is not None
+        quic_server.udp.close()  # type: ignore[attr-defined]
+        quic_server._transport.abort()  # type: ignore[union-attr]
+        start = time.monotonic()
+        with pytest.raises(ConnectionClosed):
+            await call
+        took = time.monotonic() - start
+        await client.close()
+        return took
+
+    assert asyncio.run(main()) < 5.0
