@@ -38,7 +38,6 @@ import numpy as np
 from secure_xfl.crypto.codec import TensorLayout, TensorSpec
 from secure_xfl.crypto.context import CKKSPreset, get_preset
 from secure_xfl.kit import Kit
-from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.protocol import messages
 from secure_xfl.protocol.client import (
     Action,
@@ -49,6 +48,7 @@ from secure_xfl.protocol.client import (
     SealAndUpload,
     Train,
     Trained,
+    seal_upload,
 )
 from secure_xfl.protocol.plan import ClientPolicy
 from secure_xfl.services.runtime import Peer
@@ -126,28 +126,9 @@ class SimClient:
         assert self._update is not None
         seed, layout = self._update
         clip = self.kit.config.privacy.clip_norm
-        plan = act.plan
-        protected = protect_vector(
-            random_update(np.random.default_rng(seed), layout.numel, clip),
-            dp=act.dp,
-            weight=act.weight,
-            weighting=plan.weighting,
-            ctx=self.ctx,
-            preset=self.preset,
-            layout=layout,
-            run=plan.run,
-            round=act.round,
-            client=self.name,
-            signing_key=self.kit.tls.private_key,
-            loss=act.loss,
-            quant=plan.quant,
-            max_clients=plan.quant.max_clients if plan.quant else 8,
-            plan_digest=plan.digest,
-            base_round=plan.round,
-            base_model_digest=plan.model_digest,
-            record=act.record,
-        )
-        return protected.encode()
+        vec = random_update(np.random.default_rng(seed), layout.numel, clip)
+        return seal_upload(act, vec, layout, ctx=self.ctx, preset=self.preset,
+                           client=self.name, signing_key=self.kit.tls.private_key)  # fmt: skip
 
     async def _perform(self, act: Action) -> list[Action]:
         m, now = self.machine, time.monotonic

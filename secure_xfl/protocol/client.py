@@ -23,8 +23,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from secure_xfl.crypto.codec import TensorLayout
+from secure_xfl.crypto.context import CKKSPreset
 from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.recordspec import RecordDPFloor, RecordDPSpec
+from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.protocol import messages
 from secure_xfl.protocol.plan import ClientPolicy, PlanRefused, RoundPlan, model_digest
 from secure_xfl.protocol.rules import make_rule
@@ -39,6 +42,7 @@ __all__ = [
     "SealAndUpload",
     "Train",
     "Trained",
+    "seal_upload",
     "staleness_weight",
 ]
 
@@ -100,6 +104,42 @@ class SealAndUpload:
     loss: float | None
     record: RecordDPSpec | None = None
     """Record-level DP-SGD to sign (what training ran)."""
+
+
+def seal_upload(
+    act: SealAndUpload,
+    vec: Any,
+    layout: TensorLayout,
+    *,
+    ctx: Any,
+    preset: CKKSPreset,
+    client: str,
+    signing_key: Any,
+) -> bytes:
+    """Perform ``act`` on the flat update ``vec``: clip, pre-weight and noise it with the
+    accepted DP, encrypt and sign it for the action's round and plan (fresh noise on
+    every call). Every client — the real one and the load generator's — seals here."""
+    plan = act.plan
+    return protect_vector(
+        vec,
+        dp=act.dp,
+        weight=act.weight,
+        weighting=plan.weighting,
+        ctx=ctx,
+        preset=preset,
+        layout=layout,
+        run=plan.run,
+        round=act.round,
+        client=client,
+        signing_key=signing_key,
+        loss=act.loss,
+        quant=plan.quant,
+        max_clients=plan.quant.max_clients if plan.quant else 8,
+        plan_digest=plan.digest,
+        base_round=plan.round,
+        base_model_digest=plan.model_digest,
+        record=act.record,
+    ).encode()
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ from secure_xfl.crypto.context import check_context_matches, get_preset
 from secure_xfl.crypto.recordspec import RecordDPSpec
 from secure_xfl.errors import ConfigError, TrainingError
 from secure_xfl.kit import Kit
-from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.privacy.silo import STATE_FILE, RecordBudgetExhausted, SiloAccount
 from secure_xfl.protocol import messages
 from secure_xfl.protocol.client import (
@@ -42,6 +41,7 @@ from secure_xfl.protocol.client import (
     SealAndUpload,
     Train,
     Trained,
+    seal_upload,
 )
 from secure_xfl.protocol.plan import ClientPolicy
 from secure_xfl.services.runtime import (
@@ -220,27 +220,8 @@ class ClientService:
         """Clip, noise (fresh for every seal: only one copy is ever accepted), encrypt, sign."""
         vec, layout = self._vectors[act.base_round]
         plan = act.plan
-        protected = protect_vector(
-            vec,
-            dp=act.dp,
-            weight=act.weight,
-            weighting=plan.weighting,
-            ctx=self.ctx,
-            preset=self.preset,
-            layout=layout,
-            run=plan.run,
-            round=act.round,
-            client=self.name,
-            signing_key=self.kit.tls.private_key,
-            loss=act.loss,
-            quant=plan.quant,
-            max_clients=plan.quant.max_clients if plan.quant else 8,
-            plan_digest=plan.digest,
-            base_round=plan.round,
-            base_model_digest=plan.model_digest,
-            record=act.record,
-        )
-        blob = protected.encode()
+        blob = seal_upload(act, vec, layout, ctx=self.ctx, preset=self.preset,
+                           client=self.name, signing_key=self.kit.tls.private_key)  # fmt: skip
         log.info(
             "round %d: upload %.2f MB (staleness %d)",
             act.round,
