@@ -53,6 +53,13 @@ class TransportConfig:
     is never retried."""
     idle_timeout_s: float = 60.0
     """QUIC idle timeout: a connection with no traffic for this long is closed."""
+    peer_silence_s: float = 10.0
+    """While a call waits for its reply the client PINGs the server every second; when
+    nothing at all comes back for this long, the connection is closed and the call
+    retried on a new one. This is how a client notices a server that died and was
+    restarted on the same port before it could hear ICMP unreachable (the new process
+    silently drops packets of connections it never had). A live server acknowledges
+    a PING within milliseconds, even while its handler computes."""
     stream_timeout_s: float = 60.0
     """A stream that makes no progress (no bytes received or acknowledged) for this
     long is reset, so a stalled peer cannot pin a handler or buffers forever."""
@@ -112,6 +119,7 @@ class TransportConfig:
             "connect_deadline_s",
             "idle_timeout_s",
             "stream_timeout_s",
+            "peer_silence_s",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")

@@ -179,6 +179,13 @@ class _ClientProtocol(MessageProtocol):
         self.transmit()
         await asyncio.shield(waiter)
 
+    last_heard = 0.0
+    """Loop time of the last datagram from the server (see :func:`_probe`)."""
+
+    def datagram_received(self, data: bytes | str, addr: object) -> None:
+        self.last_heard = self._loop.time()
+        super().datagram_received(data, addr)
+
     def error_received(self, exc: Exception) -> None:
         # The socket is connected, so the kernel reports ICMP "port unreachable": the
         # server process is gone (killed, restarting). Close now rather than at the idle
@@ -202,9 +209,15 @@ class _ClientProtocol(MessageProtocol):
 PROBE_S = 1.0
 
 
-async def _probe(protocol: _ClientProtocol) -> None:
+async def _probe(protocol: _ClientProtocol, silence_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    protocol.last_heard = max(protocol.last_heard, loop.time())
     while protocol.closed_error is None:
         await asyncio.sleep(PROBE_S)
+        if loop.time() - protocol.last_heard > silence_s:
+            protocol._quic.close(reason_phrase=f"peer silent for {silence_s:g} s")
+            protocol.transmit()
+            return
         protocol._quic.send_ping(-1)  # no waiter: aioquic drops the acknowledgement
         protocol.transmit()
 
@@ -350,7 +363,7 @@ class RpcClient:
             state.watched = False  # the handler may legitimately compute for a long time
             assert state.done is not None
             sender = asyncio.ensure_future(protocol.send_message(stream_id, [payload]))
-            probe = asyncio.ensure_future(_probe(protocol))
+            probe = asyncio.ensure_future(_probe(protocol, self.config.peer_silence_s))
             try:
                 async with asyncio.timeout(timeout):
                     data = await state.done

@@ -268,3 +268,45 @@ def test_a_server_that_dies_while_a_call_waits_is_noticed_within_seconds() -> No
         return took
 
     assert asyncio.run(main()) < 5.0
+
+
+def test_a_server_replaced_on_the_same_port_is_noticed_after_peer_silence() -> None:
+    """The server dies and a successor binds its port at once (no ICMP ever comes, and
+    the successor drops packets of connections it never had): a waiting call fails
+    after ``peer_silence_s`` of silence, not after the idle timeout."""
+    import time
+
+    from secure_xfl.transport import ConnectionClosed, RpcServer
+
+    config = TransportConfig(
+        handshake_timeout_s=5, idle_timeout_s=60, stream_timeout_s=60, peer_silence_s=3
+    )
+
+    def server() -> RpcServer:
+        return RpcServer(tls=identity("aggregator", "agg"), allowed_roles=["client"],
+                         handler=handler, config=config)  # fmt: skip
+
+    async def main() -> float:
+        first = server()
+        port = await first.start("127.0.0.1", 0)
+        client = RpcClient(tls=identity("client", "c1"), server_role="aggregator",
+                           host="127.0.0.1", port=port, config=config)  # fmt: skip
+        await client.connect()
+        call = asyncio.ensure_future(client.call(b"sleep30", timeout=50))
+        await asyncio.sleep(0.5)
+        quic_server = first._server
+        assert quic_server is not None
+        quic_server.udp.close()  # type: ignore[attr-defined]
+        quic_server._transport.abort()  # type: ignore[union-attr]
+        await asyncio.sleep(0.05)  # abort() closes the socket on the next loop turn
+        successor = server()
+        await successor.start("127.0.0.1", port)
+        start = time.monotonic()
+        with pytest.raises(ConnectionClosed, match="silent"):
+            await call
+        took = time.monotonic() - start
+        await client.close()
+        await successor.close()
+        return took
+
+    assert asyncio.run(main()) < 8.0
