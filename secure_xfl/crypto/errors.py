@@ -14,6 +14,7 @@ __all__ = [
     "EnvelopeError",
     "InsecureParameters",
     "LayoutMismatch",
+    "MaskError",
     "SignatureInvalid",
 ]
 
@@ -46,6 +47,25 @@ class EnvelopeError(CryptoError):
     """A protected-update envelope or aggregate is malformed or out of bounds."""
 
     code = "bad_envelope"
+
+
+class MaskError(EnvelopeError):
+    """A pairwise-mask key, cohort or mask request is refused; ``reason`` says which rule.
+
+    Reasons (:data:`secure_xfl.crypto.masking.MASK_REASONS`): ``malformed`` (a field of
+    the wrong type, size or range), ``bad_signature`` (not signed by the named client),
+    ``wrong_run`` / ``wrong_round`` / ``wrong_attempt`` / ``wrong_client`` (a key for
+    another context, also a cohort mixing rounds), ``bad_key`` (low-order, echoed or
+    substituted X25519 key), ``bad_cohort`` (under 2 clients, a name or key twice, self
+    missing), ``bad_request`` (an impossible modulus, length or values ≥ the modulus).
+    """
+
+    code = "bad_mask"
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
 class SignatureInvalid(CryptoError):
