@@ -221,13 +221,15 @@ class Backoff:
         return max(0.0, self.deadline - self.clock())
 
     async def wait(self, peer: str, failure: BaseException) -> None:
-        """After a transient failure: sleep ``delay x [0.5, 1.5)`` (doubling, capped), or
-        raise :class:`GaveUp` if that would reach the deadline."""
+        """After a transient failure: sleep ``delay x [0.5, 1.5)`` (doubling, capped, and
+        cut short so one last attempt falls on the deadline), or raise :class:`GaveUp`
+        once the deadline has passed: the peer is tried for the whole window, however
+        fast each attempt fails."""
         self.attempts += 1
         now = self.clock()
-        pause = self.delay * (0.5 + self.jitter())
-        if now + pause >= self.deadline:
+        if now >= self.deadline:
             raise GaveUp(peer, now - self.start, self.attempts, failure) from failure
+        pause = min(self.delay * (0.5 + self.jitter()), self.deadline - now)
         log.info(
             "%s: %s; attempt %d failed, retrying in %.1fs (giving up in %.0fs)",
             peer,

@@ -16,6 +16,8 @@ afterwards the honest clients' round through the same processes must be exact.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -26,6 +28,7 @@ import pytest
 
 from secure_xfl.crypto.envelope import EncryptedAggregate, ProtectedUpdate
 from secure_xfl.kit import Kit
+from secure_xfl.privacy.ledger.schema import outcome_of
 from secure_xfl.protocol import messages
 from tests.federation import Federation, federation
 from tests.security import fuzzing, live
@@ -159,8 +162,9 @@ def test_fuzzed_messages_at_the_keyholder(tmp_path: Path) -> None:
     """§2 "Bad input of any kind gets a clear error, never a crash, a hang or an
     unbounded allocation" at the real key holder: N fuzzed messages from the
     aggregator's identity (mutations of a real encrypted aggregate among them) all get
-    typed errors, at most one decryption happens — of the fuzzed round only — the
-    process stays up with bounded peak memory, and a real round afterwards is exact."""
+    typed errors, at most one aggregate is ever released — of the fuzzed round only; a
+    byte-identical retry of it gets the same answer, with one ledger line — the process
+    stays up with bounded peak memory, and a real round afterwards is exact."""
     root = live.provision_run(
         tmp_path,
         live.HONEST,
@@ -184,7 +188,7 @@ def test_fuzzed_messages_at_the_keyholder(tmp_path: Path) -> None:
         "status": messages.encode("status"),
         "decrypt": messages.encode("decrypt", aggregate=aggregate.encode()),
     }
-    decrypted: list[int] = []
+    decrypted: list[tuple[int, str]] = []  # (round, SHA-256 of the aggregate bytes)
 
     def accept(payload: bytes) -> bool:
         msg = _decoded(payload)
@@ -196,7 +200,7 @@ def test_fuzzed_messages_at_the_keyholder(tmp_path: Path) -> None:
             agg = EncryptedAggregate.decode(msg["aggregate"])  # type: ignore[arg-type]
         except Exception:
             return False
-        decrypted.append(agg.round)
+        decrypted.append((agg.round, hashlib.sha256(msg["aggregate"]).hexdigest()))  # type: ignore[arg-type]
         return agg.round == fuzz_round and agg.manifest == aggregate.manifest
 
     cases = fuzzing.generate(
@@ -214,7 +218,13 @@ def test_fuzzed_messages_at_the_keyholder(tmp_path: Path) -> None:
         after = fuzzing.peak_rss_kib(pid)
         assert fed.procs["keyholder"].popen.poll() is None, fed.logs()
         assert not problems, problems[:10]
-        assert len(decrypted) <= 1, decrypted  # each (run, round) at most once
+        # Each (run, round) released at most once: retries of those very bytes are
+        # answered again (idempotent release), never another aggregate of the round.
+        assert len(set(decrypted)) <= 1, decrypted
+        ledger = root / "keyholder" / "state" / "ledger.jsonl"
+        lines = ledger.read_text().splitlines() if ledger.exists() else []
+        released = [x for x in lines if outcome_of(json.loads(x)) == "released"]
+        assert len(released) == len(set(decrypted)), lines
         assert after - before < RSS_GROWTH_KIB, (before, after)
         assert "handler crashed" not in fed.procs["keyholder"].text()
         again = live.run(live.call_once(agg_kit, "keyholder", port, valid["decrypt"]))

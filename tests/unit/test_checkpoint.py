@@ -135,10 +135,16 @@ def test_restore_continues_exactly(tmp_path: Path) -> None:
         assert np.array_equal(back.rule.state()[k], v)
     assert back.plan.digest == core.plan.digest  # the re-opened round's plan is identical
     assert back._plans.keys() == core._plans.keys()
-    # Both go on identically: the optimiser state really was carried over.
+    # Both go on alike — up to the CKKS noise of their separate encryptions (~1e-6
+    # after FedAdam's normalisation) — and unlike a restore that lost the optimiser's
+    # moments (~3e-2): the rule state really was carried over.
+    lost = roundtrip(core)
+    lost.rule.load_state({})
     full_round(core, kh)
     full_round(back, keyholder(tmp_path / "kh2"))
-    assert np.allclose(back.params, core.params, atol=1e-9)
+    full_round(lost, keyholder(tmp_path / "kh3"))
+    assert np.allclose(back.params, core.params, atol=1e-4)
+    assert not np.allclose(lost.params, core.params, atol=1e-3)
     assert back.round == core.round == 2
 
 
