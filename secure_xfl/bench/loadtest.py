@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from secure_xfl.bench.loadstats import ProcStats, progress, round_row, split, summarise, table
-from secure_xfl.bench.report import Row, row
+from secure_xfl.bench.report import Row, row, stop_all
 from secure_xfl.cli_args import EXIT_CODES_HELP, CliParser, _int_at_least, _positive
 from secure_xfl.config import (
     FederationSettings,
@@ -195,15 +195,7 @@ def run_loadtest(cfg: LoadtestConfig, *, echo: bool = True) -> dict[str, Any]:
         try:
             return _drive(cfg, root, names, procs, provision_s, echo)
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_all(procs, 15.0)
 
 
 def _drive(cfg: LoadtestConfig, root: Path, names: list[str], procs: list[Any],

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypedDict
 
-__all__ = ["ROW_KEYS", "Row", "markdown", "row", "write_json"]
+__all__ = ["ROW_KEYS", "Row", "markdown", "row", "stop_all", "write_json"]
 
 ROW_KEYS = ("metric", "unit", "ours", "baseline", "ratio")
 
@@ -61,3 +62,17 @@ def markdown(rows: Sequence[Row]) -> str:
 def write_json(path: Path, rows: Sequence[Row]) -> None:
     """Write the rows as a JSON list."""
     path.write_text(json.dumps(list(rows), indent=1) + "\n")
+
+
+def stop_all(procs: Sequence[subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
+    """SIGTERM every benchmark child still running, then SIGKILL what outlives
+    ``grace_s`` (a benchmark must never leave servers behind)."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from secure_xfl.bench.report import Row, row
+from secure_xfl.bench.report import Row, row, stop_all
 from secure_xfl.bench.transport import _provision, _tls
 from secure_xfl.config import KitConfig
 from secure_xfl.crypto import pki
@@ -121,14 +121,7 @@ def protected_round(numel: int, preset: str, *, timeout: float = 540.0) -> float
             lines = (root / "out" / "rounds.jsonl").read_text().splitlines()
             return float(json.loads(lines[1])["seconds"])
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_all(procs)
 
 
 # ---------------------------------------------------------------------------- plaintext
