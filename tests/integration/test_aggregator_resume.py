@@ -29,7 +29,7 @@ CLIENTS = ("alpha", "beta", "gamma")
 NUMEL = 1000
 ROUNDS = 3
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
 def expected_models() -> list[np.ndarray]:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.federation import CLI
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
 def test_twenty_clients_two_rounds(tmp_path: Path) -> None:
