@@ -12,7 +12,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import tomli_w
+
+from secure_xfl.training.trainer import RandomTrainer
 
 CLI = [sys.executable, "-m", "secure_xfl.cli"]
 
@@ -219,3 +222,22 @@ def run_to_completion(root: Path, clients: Sequence[str], model: str) -> Federat
         for c in clients:
             assert fed.wait(f"client-{c}", timeout=60) == 0, fed.logs()
     return fed
+
+
+def expected_models(clients: Sequence[str], numel: int, rounds: int) -> list[np.ndarray]:
+    """The global model after each round (index 0: the initial zeros) of a FedAvg run of
+    random-trainer ``clients`` on ``vector:numel``, recomputed in plaintext from their
+    deterministic updates."""
+    model = {"weight": np.zeros(numel, dtype=np.float32)}
+    params = np.zeros(numel)
+    out = [params.copy()]
+    for r in range(rounds):
+        n = {c: RandomTrainer.samples_for(c) for c in clients}
+        avg = sum(
+            n[c] * RandomTrainer.update_for(c, r, model)["weight"].astype(np.float64)
+            for c in clients
+        ) / sum(n.values())
+        params = params + avg
+        model = {"weight": params.astype(np.float32)}
+        out.append(params.copy())
+    return out

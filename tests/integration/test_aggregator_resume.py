@@ -22,30 +22,13 @@ import numpy as np
 import pytest
 
 from secure_xfl.crypto.context import get_preset
-from secure_xfl.training.trainer import RandomTrainer
-from tests.federation import Federation, federation, provision
+from tests.federation import Federation, expected_models, federation, provision
 
 CLIENTS = ("alpha", "beta", "gamma")
 NUMEL = 1000
 ROUNDS = 3
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
-
-
-def expected_models() -> list[np.ndarray]:
-    model = {"weight": np.zeros(NUMEL, dtype=np.float32)}
-    params = np.zeros(NUMEL)
-    out = [params.copy()]
-    for r in range(ROUNDS):
-        n = {c: RandomTrainer.samples_for(c) for c in CLIENTS}
-        avg = sum(
-            n[c] * RandomTrainer.update_for(c, r, model)["weight"].astype(np.float64)
-            for c in CLIENTS
-        ) / sum(n.values())
-        params = params + avg
-        model = {"weight": params.astype(np.float32)}
-        out.append(params.copy())
-    return out
 
 
 def _wait_for(fed: Federation, name: str, pattern: str, timeout: float = 120) -> None:
@@ -107,7 +90,7 @@ def test_aggregator_restart_while_collecting_completes_the_run(
     ], entries
     # Every update counted exactly once in every round (none lost, none twice).
     preset = get_preset("xfl-default")
-    expected = expected_models()
+    expected = expected_models(CLIENTS, NUMEL, ROUNDS)
     for r in range(ROUNDS + 1):
         got = np.load(out / f"global-{r}.npy", allow_pickle=False)
         bound = r * preset.error_bound(0.06, len(CLIENTS), 3 * 100 / 1000)

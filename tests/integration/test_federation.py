@@ -9,30 +9,12 @@ import pytest
 
 from secure_xfl.crypto.context import get_preset, load_context
 from secure_xfl.errors import SecureXFLError
-from secure_xfl.training.trainer import RandomTrainer
-from tests.federation import provision, run_to_completion
+from tests.federation import expected_models, provision, run_to_completion
 
 CLIENTS = ("alpha", "beta", "gamma")
 NUMEL = 3000
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def expected_models(rounds: int) -> list[np.ndarray]:
-    """Recompute the global model after each round from the clients' deterministic updates."""
-    model = {"weight": np.zeros(NUMEL, dtype=np.float32)}
-    params = np.zeros(NUMEL)
-    out = [params.copy()]
-    for r in range(rounds):
-        n = {c: RandomTrainer.samples_for(c) for c in CLIENTS}
-        avg = sum(
-            n[c] * RandomTrainer.update_for(c, r, model)["weight"].astype(np.float64)
-            for c in CLIENTS
-        ) / sum(n.values())
-        params = params + avg
-        model = {"weight": params.astype(np.float32)}
-        out.append(params.copy())
-    return out
 
 
 def test_two_rounds_over_real_processes(tmp_path: Path) -> None:
@@ -50,7 +32,7 @@ def test_two_rounds_over_real_processes(tmp_path: Path) -> None:
     assert all(logs[f"client-{c}"].count("NO differential privacy") == 2 for c in CLIENTS)
 
     out = root / "agg-out"
-    expected = expected_models(2)
+    expected = expected_models(CLIENTS, NUMEL, 2)
     preset = get_preset("xfl-default")
     for r in range(3):
         got = np.load(out / f"global-{r}.npy", allow_pickle=False)
@@ -85,7 +67,7 @@ def test_packed_preset_over_real_processes(tmp_path: Path) -> None:
     )
     run_to_completion(root, CLIENTS, f"vector:{NUMEL}")
     got = np.load(root / "agg-out" / "global-1.npy", allow_pickle=False)
-    want = expected_models(1)[1]
+    want = expected_models(CLIENTS, NUMEL, 1)[1]
     # DP noise std σC = 1e-3 on the weighted sum, divided by Σ weights ≥ 0.3; plus
     # quantisation error ≤ 1% of that noise.
     assert np.abs(got - want).max() < 6 * 1e-3 / 0.3
