@@ -165,6 +165,29 @@ def test_aggregator_killed_at_each_phase(tmp_path: Path, point: str) -> None:
                 awaiting=2 if point == "after_checkpoint" else 1)  # fmt: skip
 
 
+# -- a client --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("when", ["training", "uploaded"])
+def test_client_killed_and_restarted(tmp_path: Path, when: str) -> None:
+    """A client SIGKILLed while it trains round 1, or just after its round-1 upload was
+    accepted, and restarted with the same command: the round is not lost or counted
+    twice (a round already holding its upload does not take a second one)."""
+    root = _root(tmp_path)
+    with federation(root) as fed:
+        _start(fed)
+        agg, beta = fed.procs["aggregator"], fed.procs["client-beta"]
+        who = "alpha" if when == "training" else "beta"
+        _until(f"round 1: {who} accepted",
+               _log_has(agg, rf"round 1: update from {who} accepted"), fed)  # fmt: skip
+        fault_at = time.monotonic()
+        beta.popen.kill()
+        fed.wait("client-beta", timeout=30)
+        fed.restart("client-beta")
+        _finish(fed, root, fault_at, f"client SIGKILL {when}")
+        assert len(re.findall(r"round 1: update from beta accepted", agg.text())) == 1
+
+
 # -- the key holder -------------------------------------------------------------------------
 
 
