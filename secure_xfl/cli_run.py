@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
 from secure_xfl.cli_args import EXIT_CODES_HELP, CliParser, HelpFormatter, _writable_dir
 from secure_xfl.errors import ConfigError
+
+log = logging.getLogger("secure_xfl.client")
 
 __all__ = ["bench", "demo", "experiment", "export", "finish_torchrun", "init_torchrun", "rank_zero"]
 
@@ -116,7 +119,15 @@ def finish_torchrun() -> None:
     """Leave the torchrun process group before exiting: a live gloo/NCCL group at
     interpreter shutdown can abort the process ("terminate called without an active
     exception"), which torchrun reports as a failed rank."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # Every rank reaches this point before any tears its group down: a rank that
+        # destroys while a peer still finishes its last gloo exchange can abort.
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=30))
+        except RuntimeError as exc:  # a rank died or is stuck: tear down regardless
+            log.warning("torchrun ranks did not all reach shutdown: %s", exc)
         dist.destroy_process_group()
