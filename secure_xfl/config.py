@@ -96,6 +96,12 @@ class PrivacySettings:
     min_effective_noise: float = -1.0
     """Smallest σ_eff the key holder releases; negative (default) = ``noise_multiplier``,
     so no release carries less noise than this kit asks for."""
+    masking: bool = True
+    """Pairwise masks on packed presets (``xfl-packed``): each upload carries masks that
+    cancel only in the sum of the whole cohort, so not even the aggregator and the key
+    holder together can decrypt one client's update. Clients refuse, and the key holder
+    refuses to decrypt, packed rounds without them. Unpacked presets cannot mask (their
+    slots are not integers) and ignore this."""
 
 
 @dataclass(frozen=True)

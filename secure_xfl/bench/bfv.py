@@ -166,13 +166,22 @@ def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return best, out
 
 
-def measure(name: str, cfg: BFVBenchConfig) -> Measured:
-    """All figures of one system."""
-    dp = DPConfig(
+def bench_dp(cfg: BFVBenchConfig) -> DPConfig:
+    """The DP settings every system of the comparison is measured with."""
+    return DPConfig(
         clip_norm=cfg.clip_norm, noise_multiplier=cfg.noise_multiplier, min_clients=cfg.min_clients
     )
-    quant = QuantSpec.for_dp(dp, max_clients=cfg.max_clients)
-    system = _System(name, quant, cfg.numel)
+
+
+def make_system(name: str, cfg: BFVBenchConfig) -> _System:
+    """One system's contexts and quantiser, made once (key generation takes seconds)."""
+    return _System(name, QuantSpec.for_dp(bench_dp(cfg), max_clients=cfg.max_clients), cfg.numel)
+
+
+def measure(name: str, cfg: BFVBenchConfig, system: _System | None = None) -> Measured:
+    """All figures of one system (``system``: reuse contexts already made for ``name``)."""
+    dp = bench_dp(cfg)
+    system = system or make_system(name, cfg)
     data = np.random.default_rng(7)
     xs = [data.normal(scale=0.01, size=cfg.numel) for _ in range(3)]
     ys: list[np.ndarray] = []

@@ -48,9 +48,9 @@ from secure_xfl.protocol.client import (
     SealAndUpload,
     Train,
     Trained,
-    seal_upload,
 )
 from secure_xfl.protocol.plan import ClientPolicy
+from secure_xfl.protocol.seal import seal_upload
 from secure_xfl.services.runtime import Peer
 from secure_xfl.transport.errors import RemoteError
 

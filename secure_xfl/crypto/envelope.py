@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import msgpack
 
+from secure_xfl.crypto.cohort import MaskClaim
 from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.errors import EnvelopeError
 from secure_xfl.crypto.packing import QuantSpec
@@ -27,10 +28,10 @@ from secure_xfl.wire import bounded_unpack
 ENVELOPE_VERSION = 1
 #: Domain separation tag for the signed statement. v1 (10 fields) and v2 (11, with a
 #: quantisation) named no plan, base model or DP spec; v3 (15) named no record-level
-#: DP. They are refused, so no old signature can be read as covering a DP spec it
-#: never named.
-STATEMENT_DOMAIN = "secure-xfl/update-statement/v4"
-STATEMENT_FIELDS = 16
+#: DP; v4 (16) named no mask cohort. They are refused, so no old signature can be read
+#: as covering a DP spec or a cohort it never named.
+STATEMENT_DOMAIN = "secure-xfl/update-statement/v5"
+STATEMENT_FIELDS = 17
 
 #: Hard caps applied before any allocation.
 MAX_ENVELOPE_BYTES = 2 * 1024**3
@@ -119,6 +120,8 @@ class UpdateStatement:
     """The client-level differential privacy applied to this update (``None``: none)."""
     record: RecordDPSpec | None = None
     """The record-level DP-SGD the client ran for this update (``None``: none)."""
+    mask: MaskClaim | None = None
+    """The cohort whose pairwise masks this packed update carries (``None``: unmasked)."""
 
     def to_wire(self) -> list[Any]:
         """Positional form, also the exact bytes that are signed (after the domain tag)."""
@@ -139,6 +142,7 @@ class UpdateStatement:
             self.base_model_digest,
             None if self.dp is None else self.dp.to_wire(),
             None if self.record is None else self.record.to_wire(),
+            None if self.mask is None else self.mask.to_wire(),
         ]
 
     def signing_bytes(self) -> bytes:
@@ -147,15 +151,16 @@ class UpdateStatement:
 
     @classmethod
     def from_wire(cls, obj: object) -> UpdateStatement:
-        """Validate the positional form (v4: 16 fields)."""
+        """Validate the positional form (v5: 17 fields)."""
         if not isinstance(obj, list) or len(obj) != STATEMENT_FIELDS:
             n = len(obj) if isinstance(obj, list) else type(obj).__name__
             raise EnvelopeError(
-                f"statement must be a v4 list of {STATEMENT_FIELDS} fields, got {n} "
-                "(v1–v3 statements name no plan, DP or record-level DP spec and are refused)"
+                f"statement must be a v5 list of {STATEMENT_FIELDS} fields, got {n} "
+                "(v1–v4 statements name no plan, DP, record-level DP or mask cohort and "
+                "are refused)"
             )
         run, rnd, client, layout, preset, numel, weight, weighting, ctd, loss = obj[:10]
-        quant, plan, base_round, base_model, dp, record = obj[10:]
+        quant, plan, base_round, base_model, dp, record, mask = obj[10:]
         if weighting not in _WEIGHTINGS:
             raise EnvelopeError(f"weighting must be one of {_WEIGHTINGS}")
         rnd = _check_int(rnd, "round", 0, 2**31)
@@ -179,6 +184,7 @@ class UpdateStatement:
             base_model_digest=_check_bytes(base_model, "base_model_digest", 32, 32),
             dp=None if dp is None else DPSpec.from_wire(dp),
             record=None if record is None else RecordDPSpec.from_wire(record),
+            mask=None if mask is None else MaskClaim.from_wire(mask),
         )
 
 

@@ -9,10 +9,8 @@ aggregator sent. The budget hook runs, then the aggregate is decrypted and
 validated in memory; only then do the durable once-only record (fsynced, with the
 aggregate's digest) and the ledger hook run, so a malformed aggregate is refused
 without burning its round and a crash or restart can never release a round twice.
-The same aggregate (SHA-256 of its encoding) sent again for a released round gets
-the same answer: nothing new is disclosed, no ε is charged, no ledger line is added
-(``on_repeat`` only completes one a crash or a full disk kept back). A record that
-cannot be written refuses with ``storage_unavailable`` and burns nothing.
+The same aggregate (SHA-256) re-sent for a released round gets the same answer, with
+no new ε or ledger line (``on_repeat`` only completes one a crash kept back).
 """
 
 from __future__ import annotations
@@ -30,6 +28,7 @@ import tenseal as ts
 from secure_xfl import failpoints
 from secure_xfl.crypto import pki
 from secure_xfl.crypto.codec import chunk_lengths, decrypt_chunks, load_chunk
+from secure_xfl.crypto.cohort import check_manifest_masks
 from secure_xfl.crypto.context import CKKSPreset
 from secure_xfl.crypto.dpspec import DPSpec, effective_noise
 from secure_xfl.crypto.envelope import EncryptedAggregate, SignedStatement
@@ -70,6 +69,8 @@ class KeyHolderPolicy:
     """Release aggregates that carry neither client-level noise nor record-level DP-SGD
     noise from every entry. Library default: whatever ``dp``/``record`` demand (nothing
     when both are None); a kit's policy allows it only with ``privacy.allow_no_dp``."""
+    masking: bool = False
+    """Refuse packed aggregates without pairwise masks (see :mod:`.cohort`)."""
 
     def __post_init__(self) -> None:
         if self.max_staleness < 0:
@@ -194,6 +195,7 @@ class KeyHolder:
             except Exception:
                 raise DecryptionRefused("bad_signature", st.client) from None
         self._check_quant(agg)
+        check_manifest_masks([s.statement for s in agg.manifest], self.preset, pol.masking)
         self._check_plans(agg)
         if len(names) < pol.min_clients:
             raise DecryptionRefused(
@@ -373,8 +375,9 @@ class KeyHolder:
                 total_sum = decrypt_chunks(vectors, agg.numel)
             else:
                 values = [np.asarray(v.decrypt(), dtype=np.float64) for v in vectors]
-                n = len(agg.manifest)
-                total_sum = unpack_vector(values, quant, n, agg.numel, self.preset.slots)
+                n, masked = len(agg.manifest), agg.manifest[0].statement.mask is not None
+                total_sum = unpack_vector(values, quant, n, agg.numel, self.preset.slots,
+                                          masked=masked)  # fmt: skip
         except CodecError as exc:
             self._refuse(release, "aggregate_invalid", str(exc), charge=not repeat)
         self._validate(agg, release, total_sum, quant, charge=not repeat)

@@ -130,6 +130,26 @@ class QuantSpec:
         return self.value_bits // self.lane_bits
 
     @property
+    def mask_modulus(self) -> int:
+        """``M = 2^(lanes·B)``: every valid packed sum is below it; pairwise masks add
+        modulo it (:mod:`secure_xfl.crypto.cohort`)."""
+        return 1 << (self.lanes * self.lane_bits)
+
+    def masked_wrap_log2(self, poly_modulus_degree: int, n_clients: int | None = None) -> float:
+        """log2 of a bound on the chance that one CKKS coefficient of a masked sum wraps.
+
+        A masked slot is a centred residue in [−M/2, M/2), uniform and independent
+        across slots, so a sum of ``n`` has |slot| ≤ nM/2 but no constant term; every
+        coefficient is Σ_j a_j·z_j over ≤ N/2 slots with |a_j| ≤ 2/N. Hoeffding bounds
+        P(|coef| ≥ t) ≤ 2·exp(−t²·N / (n·M)²) for t = q/(2Δ) − 1 with q > 2^59
+        (one 60-bit data prime). Unmasked sums keep :data:`PACKED_LIMIT_BITS`.
+        """
+        n = self.max_clients if n_clients is None else n_clients
+        t = 2.0 ** (PACKED_LIMIT_BITS + 1 - self.scale_bits) - 1.0
+        exponent = t * t * poly_modulus_degree / float(n * self.mask_modulus) ** 2
+        return 1.0 - exponent * math.log2(math.e)
+
+    @property
     def levels(self) -> int:
         """Largest quantised value, ``2^bits − 1``."""
         return (1 << self.bits) - 1
@@ -225,8 +245,9 @@ def quantise(part: np.ndarray, spec: QuantSpec, rng: np.random.Generator) -> np.
     return q.astype(np.int64)
 
 
-def pack(levels: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """Lane-major packing: lane j of slot s holds ``levels[j·S + s]`` (S = slots used)."""
+def pack_ints(levels: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """Lane-major packing as int64 in [0, M): lane j of slot s holds ``levels[j·S + s]``
+    (S = slots used)."""
     lanes = spec.lanes
     n_slots = -(-levels.shape[0] // lanes)
     padded = np.zeros(lanes * n_slots, dtype=np.int64)
@@ -235,22 +256,40 @@ def pack(levels: np.ndarray, spec: QuantSpec) -> np.ndarray:
     packed: np.ndarray = grid[0].copy()
     for j in range(1, lanes):
         packed += grid[j] << (j * spec.lane_bits)
+    return packed
+
+
+def pack(levels: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """:func:`pack_ints` as the float64 slot values CKKS encodes."""
     # packed < 2^(58 - scale_bits) ≤ 2^48 < 2^53: float64 holds it exactly.
-    return np.asarray(packed, dtype=np.float64)
+    return np.asarray(pack_ints(levels, spec), dtype=np.float64)
 
 
 def pack_chunks(
     vec: np.ndarray, spec: QuantSpec, slots: int, rng: np.random.Generator
 ) -> Iterator[np.ndarray]:
     """Packed float64 slot vectors, one per ciphertext, for a flat update."""
+    for ints in pack_int_chunks(vec, spec, slots, rng):
+        yield np.asarray(ints, dtype=np.float64)
+
+
+def pack_int_chunks(
+    vec: np.ndarray, spec: QuantSpec, slots: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
+    """Packed int64 slot vectors in [0, M), one per ciphertext, for a flat update."""
     pos = 0
     for m in spec.chunk_params(vec.shape[0], slots):
-        yield pack(quantise(vec[pos : pos + m], spec, rng), spec)
+        yield pack_ints(quantise(vec[pos : pos + m], spec, rng), spec)
         pos += m
 
 
-def unpack_sum(values: np.ndarray, spec: QuantSpec, n_clients: int, n_params: int) -> np.ndarray:
+def unpack_sum(
+    values: np.ndarray, spec: QuantSpec, n_clients: int, n_params: int, *, masked: bool = False
+) -> np.ndarray:
     """Invert :func:`pack` for a sum of ``n_clients`` updates and dequantise it.
+
+    ``masked``: the updates carried pairwise masks mod M (centred), so the rounded sum
+    is first reduced mod M, where the masks cancel.
 
     Returns the float64 sum of the clients' values. Raises :class:`CodecError` when
     a slot is not an integer within :data:`ROUND_TOLERANCE` or a lane lies outside
@@ -268,6 +307,11 @@ def unpack_sum(values: np.ndarray, spec: QuantSpec, n_clients: int, n_params: in
         raise CodecError(f"packed slot is {dev:.3f} away from an integer (noise or tampering)")
     lane_max = n_clients * spec.levels
     top = sum(lane_max << (j * spec.lane_bits) for j in range(lanes))
+    if masked:
+        bound = float(n_clients * spec.mask_modulus // 2)
+        if n_slots and float(np.max(np.abs(rounded))) > bound:
+            raise CodecError("masked slot outside the range of a sum of masked updates")
+        rounded = np.mod(rounded.astype(np.int64), spec.mask_modulus)
     if float(rounded.min()) < 0 or float(rounded.max()) > top:
         raise CodecError("packed slot outside the range of a sum of valid updates")
     ints = rounded.astype(np.int64)
@@ -285,7 +329,13 @@ def unpack_sum(values: np.ndarray, spec: QuantSpec, n_clients: int, n_params: in
 
 
 def unpack_vector(
-    chunk_values: Sequence[np.ndarray], spec: QuantSpec, n_clients: int, numel: int, slots: int
+    chunk_values: Sequence[np.ndarray],
+    spec: QuantSpec,
+    n_clients: int,
+    numel: int,
+    slots: int,
+    *,
+    masked: bool = False,
 ) -> np.ndarray:
     """:func:`unpack_sum` over every chunk of an aggregate, concatenated."""
     params = spec.chunk_params(numel, slots)
@@ -294,6 +344,6 @@ def unpack_vector(
     out = np.empty(numel, dtype=np.float64)
     pos = 0
     for vals, m in zip(chunk_values, params, strict=True):
-        out[pos : pos + m] = unpack_sum(vals, spec, n_clients, m)
+        out[pos : pos + m] = unpack_sum(vals, spec, n_clients, m, masked=masked)
         pos += m
     return out

@@ -19,6 +19,7 @@ from secure_xfl.crypto.codec import (
     encrypt_slots,
     encrypt_vector,
 )
+from secure_xfl.crypto.cohort import CohortMask, centre
 from secure_xfl.crypto.context import CKKSPreset
 from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.envelope import (
@@ -29,7 +30,7 @@ from secure_xfl.crypto.envelope import (
     ciphertext_digest,
 )
 from secure_xfl.crypto.errors import CodecError
-from secure_xfl.crypto.packing import DEFAULT_MAX_CLIENTS, QuantSpec, pack_chunks
+from secure_xfl.crypto.packing import DEFAULT_MAX_CLIENTS, QuantSpec, pack_chunks, pack_int_chunks
 from secure_xfl.crypto.recordspec import RecordDPSpec
 
 #: Plan and model digests of updates sealed outside a planned round (library use).
@@ -37,6 +38,27 @@ UNPLANNED = bytes(32)
 
 #: Headroom so the sum of this many clients' values still fits the preset's range.
 SUM_HEADROOM_CLIENTS = 1024
+#: A masked sum is sealed only if one CKKS coefficient wraps with probability below
+#: 2^this (:meth:`QuantSpec.masked_wrap_log2`).
+MASK_WRAP_LOG2_LIMIT = -128.0
+
+
+def masked_slots(
+    vec: np.ndarray, quant: QuantSpec, slots: int, rng: np.random.Generator, mask: CohortMask
+) -> list[np.ndarray]:
+    """Packed slot vectors plus this client's pairwise mask mod M, centred, one per
+    ciphertext: alone, each slot is uniform to anyone missing one of its pair seeds."""
+    modulus = quant.mask_modulus
+    chunks = list(pack_int_chunks(vec, quant, slots, rng))
+    total = sum(c.shape[0] for c in chunks)
+    stream = mask.mask(total, modulus)  # one stream over every slot of the update
+    out, pos = [], 0
+    for c in chunks:
+        masked = stream[pos : pos + c.shape[0]] + c.astype(np.uint64)  # both < M ≤ 2^62
+        np.minimum(masked, masked - np.uint64(modulus), out=masked)
+        out.append(centre(masked, modulus))
+        pos += c.shape[0]
+    return out
 
 
 def seal_vector(
@@ -61,6 +83,7 @@ def seal_vector(
     base_round: int | None = None,
     base_model_digest: bytes = UNPLANNED,
     record: RecordDPSpec | None = None,
+    mask: CohortMask | None = None,
 ) -> ProtectedUpdate:
     """Encrypt and sign a flat, already clipped, (pre-)weighted and noised vector.
 
@@ -73,7 +96,8 @@ def seal_vector(
     quantisation: ``quant``, or one derived from the signed ``dp`` for at most
     ``max_clients`` clients (:meth:`QuantSpec.for_dp`); the values are then
     stochastically rounded (``rng``) and packed several per slot. ``pool``
-    encrypts in parallel worker processes.
+    encrypts in parallel worker processes. ``mask``: a packed update of a masked round
+    adds this client's pairwise masks for that verified cohort and signs its claim.
     """
     if vec.shape != (layout.numel,):
         raise CodecError(f"vector has shape {vec.shape}, layout expects ({layout.numel},)")
@@ -90,12 +114,22 @@ def seal_vector(
             quant = QuantSpec.for_dp(dp, max_clients=max_clients)
     elif quant is not None:
         raise CodecError(f"preset {preset.name!r} is not packed; quant must be None")
+    if mask is not None and quant is None:
+        raise CodecError(f"preset {preset.name!r} is not packed: pairwise masks need lanes")
+    if mask is not None and (mask.own_name, mask.run, mask.round) != (client, run, round):
+        raise CodecError("the mask was built for another client, run or round")
     if quant is not None:
         if rng is None:
             # Stochastic rounding needs unpredictable coins, not a fixed seed.
             rng = np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence()))
-        # pack_chunks range-checks each piece against ±R before quantising it.
-        packed = pack_chunks(vec, quant, preset.slots, rng)
+        if mask is not None:
+            wrap = quant.masked_wrap_log2(preset.poly_modulus_degree)
+            if wrap > MASK_WRAP_LOG2_LIMIT:
+                raise CodecError(f"{quant} leaves a masked sum a 2^{wrap:.0f} chance to wrap")
+            packed = iter(masked_slots(vec, quant, preset.slots, rng, mask))
+        else:
+            # pack_chunks range-checks each piece against ±R before quantising it.
+            packed = pack_chunks(vec, quant, preset.slots, rng)
         chunks = encrypt_slots(ctx, packed, scale=2.0**quant.scale_bits, pool=pool)
     else:
         limit = preset.max_abs_value / SUM_HEADROOM_CLIENTS
@@ -126,6 +160,7 @@ def seal_vector(
         base_model_digest=base_model_digest,
         dp=dp,
         record=record,
+        mask=None if mask is None else mask.claim,
     )
     signature = pki.sign(signing_key, statement.signing_bytes())
     return ProtectedUpdate(SignedStatement(statement, signature), tuple(chunks))

@@ -15,6 +15,7 @@ import numpy as np
 import tenseal as ts
 
 from secure_xfl.crypto.codec import EncryptionPool, TensorLayout, flatten, layout_of
+from secure_xfl.crypto.cohort import CohortMask
 from secure_xfl.crypto.context import CKKSPreset
 from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.envelope import ProtectedUpdate, Weighting
@@ -76,6 +77,10 @@ _PARAMS_DOC = """
     record
         The record-level DP-SGD (:class:`RecordDPSpec`) that produced the
         update, or ``None`` when none was used.
+    mask
+        Packed presets in a masked round: the verified :class:`CohortMask`
+        (``verify_cohort``); the packed slots get this client's pairwise masks
+        mod M and the statement signs the cohort. ``None``: unmasked.
 
     Returns the signed, encrypted :class:`ProtectedUpdate`; ``.encode()`` gives
     the bytes to send to the aggregator.
@@ -104,6 +109,7 @@ def protect_vector(
     base_round: int | None = None,
     base_model_digest: bytes = UNPLANNED,
     record: RecordDPSpec | None = None,
+    mask: CohortMask | None = None,
 ) -> ProtectedUpdate:
     """Clip to C, pre-weight (client weighting), add N(0, σ²C²/K), then encrypt and sign.
 
@@ -143,6 +149,7 @@ def protect_vector(
         base_round=base_round,
         base_model_digest=base_model_digest,
         record=record,
+        mask=mask,
     )
 
 
@@ -172,6 +179,7 @@ def protect_update(
     base_round: int | None = None,
     base_model_digest: bytes = UNPLANNED,
     record: RecordDPSpec | None = None,
+    mask: CohortMask | None = None,
 ) -> ProtectedUpdate:
     """Protect named tensors (a state dict or its delta, e.g. LoRA weights) for one round.
 
@@ -203,6 +211,7 @@ def protect_update(
         base_round=base_round,
         base_model_digest=base_model_digest,
         record=record,
+        mask=mask,
     )
 
 

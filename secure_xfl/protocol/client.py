@@ -23,11 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from secure_xfl.crypto.codec import TensorLayout
-from secure_xfl.crypto.context import CKKSPreset
 from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.recordspec import RecordDPFloor, RecordDPSpec
-from secure_xfl.privacy.protect import protect_vector
 from secure_xfl.protocol import messages
 from secure_xfl.protocol.plan import ClientPolicy, PlanRefused, RoundPlan, model_digest
 from secure_xfl.protocol.rules import make_rule
@@ -39,14 +36,17 @@ __all__ = [
     "ClientRound",
     "Decline",
     "Done",
+    "PublishKey",
     "SealAndUpload",
     "Train",
     "Trained",
-    "seal_upload",
     "staleness_weight",
 ]
 
-State = Literal["joining", "idle", "training", "uploading", "retargeting", "declining", "done"]
+State = Literal[
+    "joining", "idle", "training", "keying", "cohort", "uploading", "retargeting", "declining",
+    "done",
+]  # fmt: skip
 
 #: How often a closed round's straggler asks for a newer round, and for how long.
 RETARGET_POLL_S = 0.2
@@ -62,7 +62,7 @@ def staleness_weight(staleness: int, exponent: float = 0.5) -> float:
 class Call:
     """Action: send ``method`` with ``fields`` to the aggregator; feed the reply back."""
 
-    method: Literal["hello", "task", "decline"]
+    method: Literal["hello", "task", "decline", "cohort"]
     fields: Mapping[str, Any]
 
 
@@ -104,42 +104,21 @@ class SealAndUpload:
     loss: float | None
     record: RecordDPSpec | None = None
     """Record-level DP-SGD to sign (what training ran)."""
+    epoch: int | None = None
+    """Masked rounds: the epoch of the cohort in ``members`` (``None``: unmasked)."""
+    members: Any = None
+    """Masked rounds: the relayed cohort, unverified (the adapter checks it against its
+    own CA and policy with :func:`~secure_xfl.crypto.cohort.verify_cohort`)."""
 
 
-def seal_upload(
-    act: SealAndUpload,
-    vec: Any,
-    layout: TensorLayout,
-    *,
-    ctx: Any,
-    preset: CKKSPreset,
-    client: str,
-    signing_key: Any,
-) -> bytes:
-    """Perform ``act`` on the flat update ``vec``: clip, pre-weight and noise it with the
-    accepted DP, encrypt and sign it for the action's round and plan (fresh noise on
-    every call). Every client — the real one and the load generator's — seals here."""
-    plan = act.plan
-    return protect_vector(
-        vec,
-        dp=act.dp,
-        weight=act.weight,
-        weighting=plan.weighting,
-        ctx=ctx,
-        preset=preset,
-        layout=layout,
-        run=plan.run,
-        round=act.round,
-        client=client,
-        signing_key=signing_key,
-        loss=act.loss,
-        quant=plan.quant,
-        max_clients=plan.quant.max_clients if plan.quant else 8,
-        plan_digest=plan.digest,
-        base_round=plan.round,
-        base_model_digest=plan.model_digest,
-        record=act.record,
-    ).encode()
+@dataclass(frozen=True)
+class PublishKey:
+    """Action: make a fresh mask key pair for (round, epoch), publish its signed public
+    half with ``mask_key`` and feed the ``ack`` back; keep the private half to mask."""
+
+    round: int
+    epoch: int
+    plan: RoundPlan
 
 
 @dataclass(frozen=True)
@@ -161,7 +140,7 @@ class Done:
     """True when this client ended because its own policy refused the plans."""
 
 
-Action = Call | Train | SealAndUpload | Decline | Done
+Action = Call | Train | PublishKey | SealAndUpload | Decline | Done
 
 
 class ClientRound:
@@ -180,6 +159,10 @@ class ClientRound:
         self._target = -1
         self._retarget_until = 0.0
         self._rejoining = False
+        self._epoch: int | None = None  # masked rounds: the epoch being keyed
+        # Masked rounds: the trained update kept after its upload, so a re-mask (a member
+        # dropped) re-seals it for the new cohort rather than retraining.
+        self._kept: tuple[RoundPlan, DPSpec | None, Trained] | None = None
 
     # -- clock -------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -193,6 +176,8 @@ class ClientRound:
         self._deadline = None
         if self.state == "retargeting":
             return [Call("hello", {})]
+        if self.state == "cohort":
+            return [self._ask_cohort()]
         return [self._ask()]
 
     # -- inputs ------------------------------------------------------------------------
@@ -214,6 +199,11 @@ class ClientRound:
             return []
         if kind == "round":
             return self._on_round(msg)
+        if kind == "ack" and self.state == "keying":
+            self.state = "cohort"
+            return [self._ask_cohort()]
+        if kind == "members" and self.state == "cohort":
+            return [self._seal(self._target, members=messages.require(msg, "members", list))]
         if kind == "ack" and self.state == "uploading":
             self.rounds_done.append(self._target)
             return self._finish_round()
@@ -223,7 +213,11 @@ class ClientRound:
         raise messages.ProtocolError(f"unexpected {kind!r} reply in state {self.state}")
 
     def on_error(self, code: str, message: str, now: float) -> list[Action]:
-        """The aggregator refused an upload with ``code``."""
+        """The aggregator refused an upload (or a masked round's key or cohort request)."""
+        if self.state in ("keying", "cohort") and code in ("round_closed", "plan_mismatch"):
+            # The cohort was fixed without this client, or the epoch moved on: not counted.
+            log.warning("round %d: not in the masked cohort: %s: %s", self._target, code, message)
+            return self._finish_round()
         if self.state != "uploading" or self._pending is None:
             raise messages.ProtocolError(f"{code}: {message}")
         plan = self._pending[0]
@@ -250,7 +244,7 @@ class ClientRound:
     def upload_dropped(self, detail: str) -> list[Action]:
         """The adapter cannot upload the pending round's update (e.g. a re-sent upload
         cannot be re-targeted to another round): count it as not delivered."""
-        if self.state != "uploading" or self._pending is None:
+        if self.state not in ("uploading", "cohort") or self._pending is None:
             raise messages.ProtocolError("upload_dropped() without a pending upload")
         log.warning("round %d update dropped: %s", self._target, detail)
         return self._finish_round()
@@ -269,6 +263,19 @@ class ClientRound:
         self._pending = None
         return [Decline(plan.round, reason, detail)]
 
+    def refuse_cohort(self, reason: str, detail: str) -> list[Action]:
+        """The relayed cohort failed this client's own checks (a substituted key, a foreign
+        certificate, too few members): decline the round rather than mask for it."""
+        if self.state != "uploading" or self._pending is None:
+            raise messages.ProtocolError("refuse_cohort() without a pending upload")
+        plan = self._pending[0]
+        self.refusals.append(f"round {plan.round}: cohort refused: {reason}: {detail}")
+        log.error("declining round %d: the aggregator's cohort is refused: %s", plan.round,
+                  detail)  # fmt: skip
+        self.state, self._pending, self._kept = "declining", None, None
+        self.last, self.last_attempt = plan.round, plan.attempt
+        return [Decline(plan.round, f"cohort_{reason}", detail)]
+
     def trained(self, result: Trained) -> list[Action]:
         """Local training of the pending plan finished."""
         if self.state != "training" or self._pending is None:
@@ -276,7 +283,17 @@ class ClientRound:
         plan, dp, _ = self._pending
         self._pending = (plan, dp, result)
         self._target = plan.round
+        if plan.masked:
+            return [self._publish(plan)]
         return [self._seal(plan.round)]
+
+    def _publish(self, plan: RoundPlan) -> PublishKey:
+        assert self._epoch is not None
+        self.state = "keying"
+        return PublishKey(plan.round, self._epoch, plan)
+
+    def _ask_cohort(self) -> Call:
+        return Call("cohort", {"round": self._target, "epoch": self._epoch})
 
     # -- internals ---------------------------------------------------------------------
     def _ask(self) -> Call:
@@ -328,6 +345,16 @@ class ClientRound:
 
     def _on_round(self, msg: Mapping[str, Any]) -> list[Action]:
         plan = RoundPlan.from_wire(messages.require(msg, "plan", list))
+        epoch = messages.require(msg, "epoch", int, lo=0, hi=1_000_000, optional=True)
+        if plan.masked != (epoch is not None):
+            raise messages.ProtocolError("a masked plan comes with its epoch, only it")
+        self._epoch = epoch
+        kept, self._kept = self._kept, None
+        if plan.masked and kept is not None and kept[0].digest == plan.digest:
+            # A member dropped after the cohort was fixed: re-mask the same update.
+            log.info("round %d: re-masking for epoch %s (not retraining)", plan.round, epoch)
+            self._pending, self._target = kept, plan.round
+            return [self._publish(plan)]
         model = messages.unpack_tensors(msg.get("model"))
         hints = messages.require(msg, "hints", dict)
         try:
@@ -353,7 +380,7 @@ class ClientRound:
         self._pending = (plan, dp, Trained(0, None, None))
         return [Train(plan=plan, dp=dp, model=model, hints=hints, record=record)]
 
-    def _seal(self, round: int) -> SealAndUpload:
+    def _seal(self, round: int, members: Any = None) -> SealAndUpload:
         assert self._pending is not None
         plan, dp, result = self._pending
         rule = make_rule(plan.rule)
@@ -370,6 +397,8 @@ class ClientRound:
             throughput=result.throughput,
             loss=result.loss,
             record=result.record,
+            epoch=None if members is None else self._epoch,
+            members=members,
         )
 
     def _finish_round(self) -> list[Action]:
@@ -377,6 +406,7 @@ class ClientRound:
         plan = self._pending[0]
         if (plan.round, plan.attempt) > (self.last, self.last_attempt):
             self.last, self.last_attempt = plan.round, plan.attempt
+        self._kept = self._pending if plan.masked else None
         self._pending = None
         self.state = "idle"
         return [self._ask()]

@@ -20,7 +20,6 @@ client not in its accumulator, even one whose ``task`` says it finished it.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -32,10 +31,9 @@ import torch
 from secure_xfl.crypto.aggregate import Accumulator
 from secure_xfl.crypto.codec import flatten, layout_of, unflatten
 from secure_xfl.crypto.context import CKKSPreset
-from secure_xfl.crypto.envelope import EncryptedAggregate, ProtectedUpdate, SignedStatement
-from secure_xfl.crypto.errors import EnvelopeError
+from secure_xfl.crypto.envelope import ProtectedUpdate, SignedStatement
 from secure_xfl.errors import ConfigError, SecureXFLError, TrainingError
-from secure_xfl.protocol.checkpoint import CheckpointError, CoordinatorState, settings_digest
+from secure_xfl.protocol.checkpoint import CoordinatorState
 from secure_xfl.protocol.events import (
     Accepted,
     DecryptRequest,
@@ -47,8 +45,10 @@ from secure_xfl.protocol.events import (
     RoundRecord,
     Wait,
 )
+from secure_xfl.protocol.masked import MaskEpoch, certificate_pem
 from secure_xfl.protocol.plan import RoundPlan
 from secure_xfl.protocol.proposal import CoordinatorSettings, propose_plan
+from secure_xfl.protocol.resume import Resumable
 from secure_xfl.protocol.rules import AggregationRule
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ __all__ = ["Accepted", "Coordinator", "CoordinatorSettings", "CoordinatorState",
 RETRYABLE = frozenset({"aggregate_invalid", "aggregate_out_of_bounds"})
 
 
-class Coordinator:
+class Coordinator(Resumable):
     """Runs synchronous (or buffered asynchronous) rounds over encrypted updates."""
 
     def __init__(
@@ -102,6 +102,11 @@ class Coordinator:
         self.refused_cohorts: list[str] = []
         self._losses: list[float] = []  # reported by the cohort of the closed round
         self._reoffer: tuple[int, int] | None = None  # restored (round, attempt)
+        self.mask: MaskEpoch | None = None  # masked rounds: this epoch's keys and cohort
+        self.epoch, self._epoch_round = 0, -1
+        if settings.masking and rule.buffered and preset.packed:
+            raise ConfigError("masked rounds are synchronous: buffered rules cannot mask "
+                              "(set privacy.masking = false)")  # fmt: skip
         if state is not None:
             self._load(state)
         self._open(now)
@@ -115,53 +120,6 @@ class Coordinator:
         """A coordinator continuing from ``state`` (``kw`` as for the constructor; its
         ``model`` gives only the layout)."""
         return cls(settings, state=state, **kw)
-
-    @property
-    def settings_digest(self) -> str:
-        """What a checkpoint must have been written under (settings, preset, rule, layout)."""
-        return settings_digest(self.settings, preset=self.preset.name, rule=self.rule.name,
-                               rule_lr=self.rule.lr, layout=self.layout.digest)  # fmt: skip
-
-    def snapshot(self) -> CoordinatorState:
-        """The state to resume from (the open round re-opens empty; see the module doc)."""
-        return CoordinatorState(
-            run=self.settings.run, settings_digest=self.settings_digest, round=self.round,
-            attempt=self.attempt, phase="finished" if self.phase == "finished" else "collecting",
-            params=self.params.copy(), rule_state=self.rule.state(), loss_ref=self.loss_ref,
-            throughputs=dict(self.throughputs), history=tuple(copy.deepcopy(self.history)),
-            refused_cohorts=tuple(self.refused_cohorts), plans=dict(self._plans),
-            outcome=self.outcome, ok=self.ok, budget_exhausted=self.budget_exhausted,
-        )  # fmt: skip
-
-    def _load(self, st: CoordinatorState) -> None:
-        if st.run != self.settings.run or st.settings_digest != self.settings_digest:
-            raise CheckpointError("settings_changed", "state of another run or settings")
-        if st.params.shape != self.params.shape:
-            raise CheckpointError("mismatch", f"params must hold {self.layout.numel} values")
-        try:
-            self.rule.load_state(st.rule_state)
-        except ConfigError as exc:
-            raise CheckpointError("mismatch", str(exc)) from None
-        self.params = st.params.astype(np.float64, copy=True)
-        self.round, self.attempt, self.loss_ref = st.round, st.attempt, st.loss_ref
-        self.throughputs = dict(st.throughputs)
-        self.history = list(copy.deepcopy(st.history))
-        self.refused_cohorts = list(st.refused_cohorts)
-        self._plans = dict(st.plans)
-
-    def _resumed(self, st: CoordinatorState) -> None:
-        if st.phase == "finished":
-            self._finish(st.outcome, self.record.opened_at, ok=st.ok)
-            self.budget_exhausted = st.budget_exhausted
-            return
-        self._reoffer = (self.round, self.attempt)
-        old = st.plans.get(self.round)
-        if old is not None and old.digest != self.plan.digest:
-            # Only the enrolment can change it (packed presets size lanes by it).
-            log.warning("round %d re-opened with another plan than before the restart "
-                        "(enrolment changed?): clients retrain", self.round)  # fmt: skip
-        log.info("resumed run %s at round %d (attempt %d): re-offering it to every client",
-                 self.settings.run, self.round, self.attempt)  # fmt: skip
 
     # -- state ---------------------------------------------------------------------------
     def _open(self, now: float) -> None:
@@ -179,11 +137,25 @@ class Coordinator:
         if (self.plan.dp is None or self.plan.dp.noise_multiplier == 0) and not self.plan.record:
             log.warning("round %d: this aggregator's kit proposes NO differential privacy "
                         "(clients and key holder apply their own kits)", self.round)  # fmt: skip
-        quant = self.plan.quant
         self._plans[self.round] = self.plan
         for old in [r for r in self._plans if r < self.round - s.max_staleness]:
             del self._plans[old]
-        self.acc = Accumulator(
+        # Epochs label every cohort fixed in a round (attempts and re-masks alike).
+        if self._epoch_round == self.round:
+            self.epoch += 1
+        else:
+            self.epoch, self._epoch_round = 0, self.round
+        self.mask = MaskEpoch(s.run, self.round, self.epoch) if self.plan.masked else None
+        self.acc = self._accumulator()
+        self.record = RoundRecord(round=self.round, opened_at=now)
+        self.announced_at: float | None = None
+        self.declined = {}
+        self.phase = "collecting"
+        log.info("round %d open (run %s, plan %s)", self.round, s.run, self.plan.digest.hex()[:12])
+
+    def _accumulator(self) -> Accumulator:
+        s = self.settings
+        return Accumulator(
             ctx=self.ctx,
             preset=self.preset,
             run=s.run,
@@ -193,13 +165,8 @@ class Coordinator:
             key_for=lambda name: self.enrolled()[name],
             weighting=s.weighting,
             weight_scale=s.weight_cap if s.weighting == "aggregator" else 1.0,
-            quant=quant,
+            quant=self.plan.quant,
         )
-        self.record = RoundRecord(round=self.round, opened_at=now)
-        self.announced_at: float | None = None
-        self.declined = {}
-        self.phase = "collecting"
-        log.info("round %d open (run %s, plan %s)", self.round, s.run, self.plan.digest.hex()[:12])
 
     def model(self) -> dict[str, np.ndarray]:
         """Current global parameters as named float32 arrays."""
@@ -242,12 +209,29 @@ class Coordinator:
             or (done and self._reoffer != (self.round, self.attempt))
             or peer in self.acc.clients
             or peer in self.declined
+            or (self.mask is not None and (peer in self.mask.keys or self.mask.cohort is not None))
         ):
             return Wait(retry_s=0.2)
         if self.announced_at is None:
             self.announced_at = self.record.opened_at if now is None else now
         hints = {"clients": sorted(self.enrolled()), "throughputs": dict(self.throughputs)}
-        return Offer(plan=self.plan, model=self.model(), hints=hints)
+        epoch = None if self.mask is None else self.epoch
+        return Offer(plan=self.plan, model=self.model(), hints=hints, epoch=epoch)
+
+    def _masked(self, peer: str, round: int) -> MaskEpoch:
+        self._check_peer(peer)
+        if self.phase != "collecting" or self.mask is None or round != self.round:
+            raise RoundClosed(f"round {round} is not a collecting masked round "
+                              f"(current {self.round}, {self.phase})")  # fmt: skip
+        return self.mask
+
+    def mask_key(self, peer: str, round: int, epoch: int, key: object) -> None:
+        """A client that trained publishes its signed X25519 key for this epoch."""
+        self._masked(peer, round).add_key(peer, round, epoch, key, self.enrolled()[peer])
+
+    def members(self, peer: str, round: int, epoch: int) -> list[list[Any]] | None:
+        """The fixed cohort's keys and certificates (``None``: not fixed yet)."""
+        return self._masked(peer, round).members_for(peer, round, epoch)
 
     def _check_plan(self, update: ProtectedUpdate) -> None:
         st = self.plan if not self.rule.buffered else self._plans.get(update.statement.base_round)
@@ -262,6 +246,8 @@ class Coordinator:
             raise PlanMismatch("plan_mismatch", f"{signed.client!r} trained another model")
         if signed.dp != st.dp:
             raise PlanMismatch("dp_mismatch", f"{signed.client!r} signed DP {signed.dp}")
+        if self.mask is not None:
+            self.mask.check_upload(signed)
 
     def upload(
         self, peer: str, round: int, blob: bytes, throughput: float | None = None
@@ -317,6 +303,8 @@ class Coordinator:
             return None
         s = self.settings
         give_up = self.record.opened_at + s.give_up_s
+        if self.mask is not None and self.mask.fixed_at is not None:
+            return min(self.mask.fixed_at + s.mask_timeout_s, give_up)
         if self.announced_at is None:
             return give_up
         return min(self.announced_at + s.timeout_s, give_up)
@@ -325,6 +313,8 @@ class Coordinator:
         """Close the round when complete or past its deadline; maybe fail the run."""
         if self.phase != "collecting":
             return None
+        if self.mask is not None:
+            return self._masked_timer(self.mask, now)
         s = self.settings
         count, enrolled = self.acc.count, len(self.enrolled()) - len(self.declined)
         elapsed = now - self.record.opened_at
@@ -345,6 +335,34 @@ class Coordinator:
         if elapsed >= s.give_up_s:
             self._finish(f"round {self.round} had {count} < min_clients {s.min_clients} "
                          f"uploads after {elapsed:.0f}s", now, ok=False)  # fmt: skip
+        return None
+
+    def _masked_timer(self, m: MaskEpoch, now: float) -> DecryptRequest | None:
+        """Fix the cohort, close on it whole, or re-mask without a member that dropped."""
+        s = self.settings
+        need = max(2, s.min_clients)
+        if m.cohort is None:
+            keys, able = len(m.keys), len(self.enrolled()) - len(self.declined)
+            late = self.announced_at is not None and now - self.announced_at >= s.timeout_s
+            if keys >= need and (keys >= able or late):
+                m.fix(lambda c: certificate_pem(self.enrolled()[c]), now)
+                return None
+        elif self.acc.clients >= set(m.cohort):
+            self._close(self.acc.result_manifest(), now)
+            log.info("round %d closed with its masked cohort of %d", self.round, len(m.cohort))
+            return DecryptRequest(self.round, self.acc.result().encode())
+        elif m.fixed_at is not None and now - m.fixed_at >= s.mask_timeout_s:
+            missing = ", ".join(sorted(set(m.cohort) - self.acc.clients))
+            log.warning("round %d epoch %d: %s did not upload within %gs of the cohort being "
+                        "fixed: discarding the masked sum, re-masking with fresh keys",
+                        self.round, self.epoch, missing, s.mask_timeout_s)  # fmt: skip
+            self.epoch += 1
+            self.mask, self.acc = MaskEpoch(s.run, self.round, self.epoch), self._accumulator()
+            self._reoffer, self.announced_at = (self.round, self.attempt), now
+            return None
+        if now - self.record.opened_at >= s.give_up_s:
+            self._finish(f"masked round {self.round} found no complete cohort of ≥ {need} "
+                         f"after {now - self.record.opened_at:.0f}s", now, ok=False)  # fmt: skip
         return None
 
     def decrypted(
@@ -377,26 +395,6 @@ class Coordinator:
         self.record.closed_at = now
         self.record.participants = tuple(sorted({s.statement.client for s in manifest}))
         self._losses = [s.statement.loss for s in manifest if s.statement.loss is not None]
-
-    def resume_decrypting(self, attempt: int, aggregate: bytes, now: float) -> DecryptRequest:
-        """After a restart: the open round's aggregate was already sent (its exact bytes
-        were kept); close the round on it again, to re-send those bytes."""
-        try:
-            agg = EncryptedAggregate.decode(aggregate)
-        except EnvelopeError as exc:
-            raise CheckpointError("corrupt", f"pending aggregate: {exc}") from None
-        where = (agg.run, agg.round, attempt)
-        if self.phase != "collecting" or where != (self.settings.run, self.round, self.attempt):
-            raise CheckpointError("mismatch", f"pending aggregate of (run, round, attempt) "
-                                  f"{where} while round {self.round} is {self.phase}")  # fmt: skip
-        self._close(agg.manifest, now)
-        return DecryptRequest(self.round, aggregate)
-
-    def reopen_clock(self, now: float) -> None:
-        """The adapter held the open round back (its checkpoint was not durable yet):
-        its give-up delay counts from ``now`` unless it was handed out already."""
-        if self.phase == "collecting" and self.announced_at is None:
-            self.record.opened_at = now
 
     def annotate(self, round: int, metrics: Mapping[str, Any]) -> None:
         """Attach evaluation metrics to a finished round's record."""

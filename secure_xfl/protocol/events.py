@@ -55,6 +55,8 @@ class Offer:
     """Global model (named float32 arrays); its digest is ``plan.model_digest``."""
     hints: dict[str, Any]
     """Unsigned ML hints (enrolled clients, measured throughputs) for partitioning."""
+    epoch: int | None = None
+    """Masked rounds: the masking epoch the client's key is for (``None``: unmasked)."""
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,9 @@ MESSAGE_TYPES = frozenset(
         "plain",
         "status",
         "info",
+        "mask_key",
+        "cohort",
+        "members",
     }
 )
 

@@ -34,8 +34,8 @@ __all__ = [
     "model_digest",
 ]
 
-PLAN_DOMAIN = "secure-xfl/round-plan/v2"
-_PLAN_FIELDS = 17
+PLAN_DOMAIN = "secure-xfl/round-plan/v3"
+_PLAN_FIELDS = 18
 _MODEL_DOMAIN = b"secure-xfl/model/v1\0"
 _WEIGHTINGS = ("aggregator", "client")
 
@@ -159,6 +159,9 @@ class RoundPlan:
     record: RecordDPFloor | None = None
     """Record-level DP-SGD the aggregator proposes (``None``: none proposed). Each client
     runs the stricter of this and its own kit; σ_r may be derived per silo."""
+    masked: bool = False
+    """Packed rounds: uploads carry pairwise masks over a cohort the aggregator fixes
+    once the clients trained (:mod:`secure_xfl.crypto.cohort`)."""
 
     def to_wire(self) -> list[Any]:
         """Positional form; also what :attr:`digest` covers."""
@@ -180,6 +183,7 @@ class RoundPlan:
             self.loss_ref,
             self.attempt,
             None if self.record is None else self.record.to_wire(),
+            self.masked,
         ]
 
     @property
@@ -202,6 +206,8 @@ class RoundPlan:
             record = None if obj[16] is None else RecordDPFloor.from_wire(obj[16])
         except (EnvelopeError, CodecError) as exc:
             raise ProtocolError(f"plan: {exc}") from None
+        if not isinstance(obj[17], bool) or (obj[17] and quant is None):
+            raise ProtocolError("plan.masked must be a bool, true only for a packed plan")
         return cls(
             run=_str(obj[0], "run"),
             round=_int(obj[1], "round", 0, 2**31),
@@ -220,6 +226,7 @@ class RoundPlan:
             loss_ref=None if obj[14] is None else _num(obj[14], "loss_ref", 0.0),
             attempt=_int(obj[15], "attempt", 0, 1000),
             record=record,
+            masked=obj[17],
         )
 
 
@@ -235,6 +242,8 @@ class ClientPolicy:
     """Smallest cohort the client lets its update be released in."""
     record: RecordDPFloor | None = None
     """Weakest record-level DP-SGD the client runs (``None``: its kit asks for none)."""
+    masking: bool = False
+    """Refuse packed plans without pairwise masks."""
 
     def record_for(self, plan: RoundPlan) -> RecordDPFloor | None:
         """Record-level DP-SGD to run under ``plan``: the stricter of plan and kit on
@@ -256,6 +265,10 @@ class ClientPolicy:
             raise PlanRefused(
                 "plan_weaker_than_policy",
                 f"min_clients {plan.min_clients} < {self.min_clients} (own kit)",
+            )
+        if self.masking and plan.quant is not None and not plan.masked:
+            raise PlanRefused(
+                "plan_weaker_than_policy", "packed plan without pairwise masks (own kit)"
             )
         if self.dp is None:
             return plan.dp

@@ -47,6 +47,12 @@ class CoordinatorSettings:
     max_refused: int = 2
     """Times a round is re-opened after the key holder refused its aggregate as invalid
     or out of bounds (each refusal is charged to the budget); then the run stops."""
+    masking: bool = False
+    """Propose pairwise masks on packed presets (a masked round fixes its cohort after
+    training; see :mod:`secure_xfl.crypto.cohort`)."""
+    mask_timeout_s: float = 120.0
+    """Masked rounds: seconds the fixed cohort has to upload before the aggregator drops
+    the missing members and re-fixes the cohort (fresh keys, a new epoch)."""
     give_up_after_s: float = 0.0
     """Fail the run when a round has fewer than min_clients this long after opening
     (0 = the larger of three times ``timeout_s`` and 300 s, so slow starts survive)."""
@@ -96,4 +102,5 @@ def propose_plan(
         loss_ref=loss_ref,
         attempt=attempt,
         record=s.record,
+        masked=s.masking and quant is not None,
     )

@@ -45,6 +45,7 @@ from secure_xfl.services.aggregator_state import (
     coordinator_settings,
     default_checkpoint_dir,
     reconcile,
+    request_limits,
     round_line,
     until_stop,
 )
@@ -153,7 +154,9 @@ class AggregatorService:
 
     # -- client requests ---------------------------------------------------------------
     async def handle(self, peer: PeerIdentity, data: bytes) -> bytes:
-        msg = messages.decode(data, expect={"hello", "task", "upload", "decline"})
+        msg = messages.decode(
+            data, expect={"hello", "task", "upload", "decline", "mask_key", "cohort"}
+        )
         name = peer.name
         if name not in self._certs:
             self.refresh_enrolment()  # a client added after start-up
@@ -171,11 +174,24 @@ class AggregatorService:
                 self.core.decline(name, rnd, reason, detail, time.monotonic())
                 self._wake.set()
                 return messages.encode("ack", round=rnd, accepted=False)
+            if msg["t"] in ("mask_key", "cohort"):
+                return self._masking(name, rnd, msg)
             blob = messages.require(msg, "update", bytes)
             rate = messages.require(msg, "throughput", float, lo=0, hi=1e12, optional=True)
             ack = await asyncio.to_thread(self.core.upload, name, rnd, blob, rate)
             self._wake.set()
             return messages.encode("ack", round=ack.round, accepted=True, count=ack.count)
+
+    def _masking(self, name: str, rnd: int, msg: dict[str, Any]) -> bytes:
+        epoch = messages.require(msg, "epoch", int, lo=0, hi=1_000_000)
+        if msg["t"] == "mask_key":
+            self.core.mask_key(name, rnd, epoch, messages.require(msg, "key", list))
+            self._wake.set()  # the cohort may be complete now
+            return messages.encode("ack", round=rnd, accepted=True)
+        members = self.core.members(name, rnd, epoch)
+        if members is None:
+            return messages.encode("wait", retry_s=0.2)
+        return messages.encode("members", round=rnd, epoch=epoch, members=members)
 
     def _task(self, name: str, after: int, attempt: int) -> bytes:
         if self._held:  # the round is open in memory only: offer it once it is durable
@@ -192,6 +208,7 @@ class AggregatorService:
             plan=out.plan.to_wire(),
             model=messages.pack_tensors(out.model),
             hints=out.hints,
+            epoch=out.epoch,
         )
         self.core.note_download(len(reply))
         self._wake.set()  # the deadline now runs from this first hand-out
@@ -370,29 +387,6 @@ class AggregatorService:
         log.info("checkpointed at round %d; restart with the same command to resume",
                  self.core.round)  # fmt: skip
         return True
-
-
-def request_limits(core: Coordinator) -> Callable[[str], int]:
-    """Largest acceptable request per message type (the transport refuses the rest as
-    it arrives): control messages are small; an upload is one encrypted update of
-    ``core.layout`` under ``core.preset`` — a fresh ciphertext's measured size times the
-    chunk count (packed presets: ``slots x lanes`` values per chunk, from the current
-    plan, as ``QuantSpec.chunk_params``) — plus 10 % and 64 KiB for the signed statement
-    and msgpack framing."""
-    from secure_xfl.crypto.codec import encrypt_slots
-    from secure_xfl.transport.limits import limits_table
-
-    preset, numel, quant = core.preset, core.layout.numel, core.plan.quant
-    scale = None if quant is None else 2.0**quant.scale_bits
-    chunk = len(encrypt_slots(core.ctx, [np.zeros(preset.slots)], scale=scale)[0])
-
-    def upload() -> int:
-        q = core.plan.quant  # lanes follow the plan (they depend on the enrolment)
-        chunks = -(-numel // (preset.slots * (1 if q is None else q.lanes)))
-        return int(chunks * chunk * 1.1) + (64 << 10)
-
-    small = 16 << 10  # decline: reason and detail strings of ≤ 4096 bytes each
-    return limits_table({"hello": small, "task": small, "decline": small, "upload": upload})
 
 
 async def serve_aggregator(

@@ -15,7 +15,7 @@ import asyncio
 import io
 import json
 import logging
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -34,7 +34,7 @@ from secure_xfl.protocol.checkpoint import (
     encode_checkpoint,
     encode_pending,
 )
-from secure_xfl.protocol.coordinator import CoordinatorSettings
+from secure_xfl.protocol.coordinator import Coordinator, CoordinatorSettings
 from secure_xfl.protocol.events import RoundRecord
 from secure_xfl.protocol.plan import LocalTraining
 
@@ -46,7 +46,8 @@ CHECKPOINT = "state.npz"
 PENDING = "pending.bin"
 
 __all__ = ["AggregatorFiles", "ResumeRefused", "Retry", "coordinator_settings",
-           "default_checkpoint_dir", "reconcile", "round_line", "until_stop"]  # fmt: skip
+           "default_checkpoint_dir", "reconcile", "request_limits", "round_line",
+           "until_stop"]  # fmt: skip
 
 
 class ResumeRefused(SecureXFLError):
@@ -78,6 +79,7 @@ def coordinator_settings(kit: Kit) -> CoordinatorSettings:
         weight_cap=1.0 if rule == "dynamic" else cfg.round.effective_weight_cap,
         max_staleness=cfg.round.max_staleness,
         max_refused=cfg.privacy.max_refused_decryptions,
+        masking=cfg.privacy.masking,
     )
 
 
@@ -249,3 +251,27 @@ class Retry:
 def default_checkpoint_dir(kit_path: Path, out_dir: Path | None) -> Path:
     """``OUT/checkpoint`` with ``--out``, else ``KIT/state/aggregator``."""
     return out_dir / "checkpoint" if out_dir is not None else kit_path / "state" / "aggregator"
+
+
+def request_limits(core: Coordinator) -> Callable[[str], int]:
+    """Largest acceptable request per message type (the transport refuses the rest as
+    it arrives): control messages are small; an upload is one encrypted update of
+    ``core.layout`` under ``core.preset`` — a fresh ciphertext's measured size times the
+    chunk count (packed presets: ``slots x lanes`` values per chunk, from the current
+    plan, as ``QuantSpec.chunk_params``) — plus 10 % and 64 KiB for the signed statement
+    and msgpack framing."""
+    from secure_xfl.crypto.codec import encrypt_slots
+    from secure_xfl.transport.limits import limits_table
+
+    preset, numel, quant = core.preset, core.layout.numel, core.plan.quant
+    scale = None if quant is None else 2.0**quant.scale_bits
+    chunk = len(encrypt_slots(core.ctx, [np.zeros(preset.slots)], scale=scale)[0])
+
+    def upload() -> int:
+        q = core.plan.quant  # lanes follow the plan (they depend on the enrolment)
+        chunks = -(-numel // (preset.slots * (1 if q is None else q.lanes)))
+        return int(chunks * chunk * 1.1) + (64 << 10)
+
+    small = 16 << 10  # decline: reason and detail strings of ≤ 4096 bytes each
+    return limits_table({"hello": small, "task": small, "decline": small, "upload": upload,
+                         "mask_key": small, "cohort": small})  # fmt: skip

@@ -27,6 +27,7 @@ import torch
 
 from secure_xfl.crypto.codec import flatten, layout_of
 from secure_xfl.crypto.context import check_context_matches, get_preset
+from secure_xfl.crypto.errors import MaskError
 from secure_xfl.crypto.recordspec import RecordDPSpec
 from secure_xfl.errors import ConfigError, TrainingError
 from secure_xfl.kit import Kit
@@ -38,12 +39,14 @@ from secure_xfl.protocol.client import (
     ClientRound,
     Decline,
     Done,
+    PublishKey,
     SealAndUpload,
     Train,
     Trained,
-    seal_upload,
 )
 from secure_xfl.protocol.plan import ClientPolicy
+from secure_xfl.protocol.seal import seal_upload
+from secure_xfl.services.mask_client import MaskKeys
 from secure_xfl.services.runtime import (
     GaveUp,
     Peer,
@@ -69,7 +72,10 @@ EXIT_REFUSED = 3
 #: (``wrong_role``), this client is not enrolled or is revoked, another TLS failure.
 EXIT_PERMANENT = 4
 
-_EXPECT = {"hello": {"welcome"}, "task": {"round", "wait", "done"}, "decline": {"ack"}}
+_EXPECT = {
+    "hello": {"welcome"}, "task": {"round", "wait", "done"}, "decline": {"ack"},
+    "cohort": {"members", "wait"},
+}  # fmt: skip
 
 
 def client_policy(kit: Kit) -> ClientPolicy:
@@ -80,6 +86,7 @@ def client_policy(kit: Kit) -> ClientPolicy:
         dp=cfg.dp_spec(),
         min_clients=cfg.federation.min_clients,
         record=cfg.record_floor(),
+        masking=cfg.privacy.masking,
     )
 
 
@@ -110,6 +117,7 @@ class ClientService:
             tls=kit.tls, role="aggregator", address=aggregator, config=kit.config.transport
         )
         self.machine = ClientRound(self.name, client_policy(kit))
+        self.masks = MaskKeys(kit, min_clients=kit.config.federation.min_clients)
         self.silo = silo_account(kit) if kit.config.privacy.record.enabled else None
         if self.silo is not None and not hasattr(trainer, "records"):
             raise ConfigError(
@@ -220,15 +228,16 @@ class ClientService:
         """Clip, noise (fresh for every seal: only one copy is ever accepted), encrypt, sign."""
         vec, layout = self._vectors[act.base_round]
         plan = act.plan
-        blob = seal_upload(act, vec, layout, ctx=self.ctx, preset=self.preset,
-                           client=self.name, signing_key=self.kit.tls.private_key)  # fmt: skip
+        blob = seal_upload(act, vec, layout, ctx=self.ctx, preset=self.preset, client=self.name,
+                           signing_key=self.kit.tls.private_key,
+                           mask=self.masks.cohort(act))  # fmt: skip
         log.info(
             "round %d: upload %.2f MB (staleness %d)",
             act.round,
             len(blob) / 1e6,
             act.round - act.base_round,
         )
-        if self._trained is not None and self._trained[0] == plan.round:
+        if self._trained is not None and self._trained[0] == plan.round and not plan.masked:
             # Kept before it is sent: a restart mid-upload re-sends these bytes.
             self._cache = CachedUpload(
                 run=plan.run, round=plan.round, attempt=plan.attempt,
@@ -268,11 +277,25 @@ class ClientService:
     async def _perform_one(self, act: Action) -> list[Action]:
         m, now = self.machine, time.monotonic
         if isinstance(act, Call):
-            reply = await self._call(act.method, _EXPECT[act.method], **act.fields)
+            try:
+                reply = await self._call(act.method, _EXPECT[act.method], **act.fields)
+            except RemoteError as exc:
+                if act.method != "cohort":
+                    raise
+                return m.on_error(exc.code, exc.message, now())
             return m.on_reply(reply["t"], reply, now())
+        if isinstance(act, PublishKey):
+            key = self.masks.publish(act)
+            try:
+                reply = await self._call("mask_key", {"ack"}, round=act.round,
+                                         epoch=act.epoch, key=key)  # fmt: skip
+            except RemoteError as exc:
+                return m.on_error(exc.code, exc.message, now())
+            return m.on_reply("ack", reply, now())
         if isinstance(act, Train):
             self._resend, self._vectors = None, {}
-            cached = self._cached_for(act)
+            # A masked upload answers one cohort only: never re-sent, re-masked instead.
+            cached = None if act.plan.masked else self._cached_for(act)
             if cached is not None:
                 # Same run, round, attempt and plan: no retraining, no new record-level
                 # charge (the silo paid for this attempt), no new noise.
@@ -288,7 +311,10 @@ class ClientService:
                     return m.refuse_training(exc.reason, str(exc))
             return m.trained(await asyncio.to_thread(self._train, act, record))
         if isinstance(act, SealAndUpload):
-            blob = await asyncio.to_thread(self._upload_blob, act)
+            try:
+                blob = await asyncio.to_thread(self._upload_blob, act)
+            except MaskError as exc:
+                return m.refuse_cohort(exc.reason, str(exc))
             if blob is None:
                 return m.upload_dropped("a re-sent upload cannot be re-targeted to round "
                                         f"{act.round}")  # fmt: skip

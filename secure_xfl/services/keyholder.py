@@ -61,6 +61,7 @@ def keyholder_policy(kit: Kit) -> KeyHolderPolicy:
         max_weight=1.0 if cfg.round.rule == "dynamic" else cfg.round.effective_weight_cap,
         max_attempts=p.max_refused_decryptions,
         min_effective_noise=None if p.min_effective_noise < 0 else p.min_effective_noise,
+        masking=p.masking,
     )
 
 

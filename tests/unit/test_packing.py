@@ -225,7 +225,7 @@ def test_packed_refusals(client_keys: object, tmp_path: Path) -> None:
     holder.close()
 
 
-def test_v4_statements_round_trip_and_older_ones_are_refused() -> None:
+def test_v5_statements_round_trip_and_older_ones_are_refused() -> None:
     spec = QuantSpec.for_dp(DP)
     st = UpdateStatement(
         run="r",
@@ -244,7 +244,7 @@ def test_v4_statements_round_trip_and_older_ones_are_refused() -> None:
         base_model_digest=b"\3" * 32,
         dp=DP.spec(),
     )
-    assert len(st.to_wire()) == 16
+    assert len(st.to_wire()) == 17
     assert UpdateStatement.from_wire(st.to_wire()) == st
     from dataclasses import replace
 
@@ -254,9 +254,11 @@ def test_v4_statements_round_trip_and_older_ones_are_refused() -> None:
     assert UpdateStatement.from_wire(rec.to_wire()) == rec
     assert rec.signing_bytes() != st.signing_bytes()
     assert replace(st, dp=None).signing_bytes() != st.signing_bytes()
-    # the old 10-, 11- and 15-field forms named no plan, DP spec or record-level DP
-    for old in (st.to_wire()[:10], st.to_wire()[:11], st.to_wire()[:15], [*st.to_wire(), None]):
-        with pytest.raises(EnvelopeError, match="v4"):
+    # the old 10-, 11-, 15- and 16-field forms named no plan, DP spec, record-level DP or
+    # mask cohort
+    olds = (st.to_wire()[:10], st.to_wire()[:11], st.to_wire()[:15], st.to_wire()[:16])
+    for old in (*olds, [*st.to_wire(), None]):
+        with pytest.raises(EnvelopeError, match="v5"):
             UpdateStatement.from_wire(old)
     with pytest.raises(EnvelopeError, match="base_round"):
         UpdateStatement.from_wire([*st.to_wire()[:12], 3, *st.to_wire()[13:]])
