@@ -127,7 +127,11 @@ class RoundSettings:
     weighting a weight far below 1 shrinks the signal but not the DP noise.
     0 (default) = ``local_steps × batch_size``, the samples one round of local training sees."""
     timeout_s: float = 600.0
-    """A round closes this long after it opens if at least min_clients have uploaded."""
+    """A round closes this long after it opens if at least min_clients have uploaded
+    (masked rounds: the cohort is fixed then if at least min_clients published keys)."""
+    mask_timeout_s: float = 120.0
+    """Masked rounds: seconds the fixed cohort has to upload; members missing then are
+    dropped and the rest re-mask the same update for a new cohort (fresh keys)."""
     server_lr: float = 1.0
     """Server learning rate applied to the decrypted aggregate."""
     local_steps: int = 10

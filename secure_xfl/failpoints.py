@@ -10,7 +10,8 @@ one dictionary lookup. Production deployments never set the variable.
 Points (each is documented where it is hit):
 ``aggregator.after_close``, ``aggregator.after_pending``, ``aggregator.after_release``,
 ``aggregator.after_checkpoint``, ``keyholder.after_decrypt``, ``keyholder.after_mark``,
-``keyholder.after_ledger``, ``keyholder.before_reply``.
+``keyholder.after_ledger``, ``keyholder.before_reply``, ``client.after_mask_key`` (a
+masked round's key is published, the upload not sent: a dropout after the cohort is fixed).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ POINTS = frozenset(
         "keyholder.after_mark",
         "keyholder.after_ledger",
         "keyholder.before_reply",
+        "client.after_mask_key",
     }
 )
 

@@ -1,9 +1,10 @@
 """BFV lane preset beside packed CKKS (``xfl-packed``) and ``nvflare-default``, one core.
 
-Not a ``secure-xfl bench`` section yet (the BFV preset is not wired into the
-envelopes): :func:`bfv_rows` returns report rows so a later session can add it.
-All three systems are measured the same way in the same process, on the crypto
-core only, so the figures isolate the scheme:
+The unmasked half of ``secure-xfl bench --sections he`` (:mod:`secure_xfl.bench.he`
+adds the plaintext baseline and the masked cohorts, reusing :class:`System`);
+:func:`bfv_rows` gives the same figures as report rows on their own. All three
+systems are measured the same way in the same process, on the crypto core only, so
+the figures isolate the scheme:
 
 * **protect**: clip + noise (``privatize``) + quantise/pack (packed systems) +
   encrypt + serialise. The envelope's digest and signature, identical for all
@@ -88,7 +89,7 @@ class Measured:
     error_ratio: float = 0.0
 
 
-class _System:
+class System:
     """Encrypt / sum / decrypt adapters for one scheme (contexts made once)."""
 
     def __init__(self, name: str, quant: QuantSpec, numel: int) -> None:
@@ -173,12 +174,12 @@ def bench_dp(cfg: BFVBenchConfig) -> DPConfig:
     )
 
 
-def make_system(name: str, cfg: BFVBenchConfig) -> _System:
+def make_system(name: str, cfg: BFVBenchConfig) -> System:
     """One system's contexts and quantiser, made once (key generation takes seconds)."""
-    return _System(name, QuantSpec.for_dp(bench_dp(cfg), max_clients=cfg.max_clients), cfg.numel)
+    return System(name, QuantSpec.for_dp(bench_dp(cfg), max_clients=cfg.max_clients), cfg.numel)
 
 
-def measure(name: str, cfg: BFVBenchConfig, system: _System | None = None) -> Measured:
+def measure(name: str, cfg: BFVBenchConfig, system: System | None = None) -> Measured:
     """All figures of one system (``system``: reuse contexts already made for ``name``)."""
     dp = bench_dp(cfg)
     system = system or make_system(name, cfg)

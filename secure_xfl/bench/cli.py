@@ -13,10 +13,11 @@ from typing import Any
 
 from secure_xfl.bench.report import Row, markdown, write_json
 
-SECTIONS = ("crypto", "transport", "round", "training", "loadtest")
+SECTIONS = ("crypto", "transport", "round", "training", "loadtest", "he")
 #: What runs without --sections: the load test takes minutes at 200 clients, so it is
-#: asked for by name (``--sections loadtest``).
-DEFAULT_SECTIONS = ("crypto", "transport", "round", "training")
+#: asked for by name (``--sections loadtest``). ``he`` (every HE system side by side,
+#: masked cohorts of 3 and 8, 1M params, one core) takes ~25-40 s, so it runs by default.
+DEFAULT_SECTIONS = ("crypto", "transport", "round", "training", "he")
 
 
 def machine() -> dict[str, Any]:
@@ -47,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sections",
         default=",".join(DEFAULT_SECTIONS),
-        help=f"comma-separated subset of {','.join(SECTIONS)}",
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default "
+        f"{','.join(DEFAULT_SECTIONS)}; loadtest takes minutes: ask for it by name)",
     )
     p.add_argument("--numel", type=int, help="crypto update size (default 262144; quick 12288)")
     p.add_argument("--clients", help="ingest cohort sizes, e.g. 3,10,50")
@@ -64,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--load-clients", help="load-test cohorts (default 10,50,200; quick 10)")
     p.add_argument("--load-params", type=int, help="load-test parameters (default 100000)")
     p.add_argument("--load-rounds", type=int, help="load-test rounds (default 3; quick 2)")
+    p.add_argument("--he-numel", type=int, help="he section update size (default 1e6; quick 20000)")
+    p.add_argument(
+        "--he-clients", help="he section cohorts, masked and ingest (default 3,8; quick 3)"
+    )
     return p
 
 
@@ -121,9 +127,25 @@ def main(argv: list[str] | None = None) -> int:
             params=args.load_params or 100_000,
             rounds=args.load_rounds or (2 if args.quick else 3),
         )
+    he = None
+    if "he" in sections:
+        from secure_xfl.bench import he as he_bench
+
+        cohorts = args.he_clients or ("3" if args.quick else "3,8")
+        he = he_bench.measure_all(
+            he_bench.HEBenchConfig(
+                numel=args.he_numel
+                or (he_bench.QUICK_NUMEL if args.quick else he_bench.DEFAULT_NUMEL),
+                cohorts=tuple(int(c) for c in cohorts.split(",")),
+                repeats=1 if args.quick else he_bench.HEBenchConfig.repeats,
+            )
+        )
+        rows += he_bench.rows(he)
     print(markdown(rows))
     if training is not None:
         print("\n" + training.table())
+    if he is not None:
+        print("\n" + he.table())
     info = machine()
     print(
         f"\n{info['nproc']} cores, {info['cpu']}, Python {info['python']}, "
@@ -135,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         if training is not None:
             sidecar = Path(args.json).with_suffix(".training.json")
             sidecar.write_text(json.dumps(training.to_json(), indent=1) + "\n")
+        if he is not None:
+            sidecar = Path(args.json).with_suffix(".he.json")
+            sidecar.write_text(json.dumps(he.to_json(), indent=1) + "\n")
     return 0
 
 

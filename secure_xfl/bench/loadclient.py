@@ -45,19 +45,24 @@ from secure_xfl.protocol.client import (
     ClientRound,
     Decline,
     Done,
+    PublishKey,
     SealAndUpload,
     Train,
     Trained,
 )
 from secure_xfl.protocol.plan import ClientPolicy
 from secure_xfl.protocol.seal import seal_upload
+from secure_xfl.services.mask_client import MaskKeys
 from secure_xfl.services.runtime import Peer
 from secure_xfl.transport.errors import RemoteError
 
 log = logging.getLogger("secure_xfl.loadclient")
 
 #: Replies each request may get (as :mod:`secure_xfl.services.client` expects them).
-_EXPECT = {"hello": {"welcome"}, "task": {"round", "wait", "done"}, "decline": {"ack"}}
+_EXPECT = {
+    "hello": {"welcome"}, "task": {"round", "wait", "done"}, "decline": {"ack"},
+    "cohort": {"members", "wait"},
+}  # fmt: skip
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -82,6 +87,7 @@ def _policy(kit: Kit) -> ClientPolicy:
         dp=cfg.dp_spec(),
         min_clients=cfg.federation.min_clients,
         record=cfg.record_floor(),
+        masking=cfg.privacy.masking,
     )
 
 
@@ -108,6 +114,7 @@ class SimClient:
             tls=kit.tls, role="aggregator", address=aggregator, config=kit.config.transport
         )
         self.machine = ClientRound(self.name, _policy(kit))
+        self.masks = MaskKeys(kit, min_clients=kit.config.federation.min_clients)
         self.outcome: Done | None = None
         self._update: tuple[int, TensorLayout] | None = None
 
@@ -127,14 +134,24 @@ class SimClient:
         seed, layout = self._update
         clip = self.kit.config.privacy.clip_norm
         vec = random_update(np.random.default_rng(seed), layout.numel, clip)
-        return seal_upload(act, vec, layout, ctx=self.ctx, preset=self.preset,
-                           client=self.name, signing_key=self.kit.tls.private_key)  # fmt: skip
+        return seal_upload(act, vec, layout, ctx=self.ctx, preset=self.preset, client=self.name,
+                           signing_key=self.kit.tls.private_key,
+                           mask=self.masks.cohort(act))  # fmt: skip
 
     async def _perform(self, act: Action) -> list[Action]:
         m, now = self.machine, time.monotonic
         if isinstance(act, Call):
-            reply = await self.peer.call(act.method, expect=_EXPECT[act.method], **act.fields)
+            try:
+                reply = await self.peer.call(act.method, expect=_EXPECT[act.method], **act.fields)
+            except RemoteError as exc:
+                if act.method != "cohort":
+                    raise
+                return m.on_error(exc.code, exc.message, now())
             return m.on_reply(reply["t"], reply, now())
+        if isinstance(act, PublishKey):
+            reply = await self.peer.call("mask_key", expect={"ack"}, round=act.round,
+                                         epoch=act.epoch, key=self.masks.publish(act))  # fmt: skip
+            return m.on_reply("ack", reply, now())
         if isinstance(act, Train):
             return m.trained(self._train(act))
         if isinstance(act, SealAndUpload):

@@ -123,6 +123,9 @@ def seal_vector(
             # Stochastic rounding needs unpredictable coins, not a fixed seed.
             rng = np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence()))
         if mask is not None:
+            if len(mask.keys) > quant.max_clients:
+                raise CodecError(f"a cohort of {len(mask.keys)} exceeds the {quant.max_clients} "
+                                 "clients the lanes' headroom can sum")  # fmt: skip
             wrap = quant.masked_wrap_log2(preset.poly_modulus_degree)
             if wrap > MASK_WRAP_LOG2_LIMIT:
                 raise CodecError(f"{quant} leaves a masked sum a 2^{wrap:.0f} chance to wrap")

@@ -80,6 +80,7 @@ def coordinator_settings(kit: Kit) -> CoordinatorSettings:
         max_staleness=cfg.round.max_staleness,
         max_refused=cfg.privacy.max_refused_decryptions,
         masking=cfg.privacy.masking,
+        mask_timeout_s=cfg.round.mask_timeout_s,
     )
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from secure_xfl import failpoints
 from secure_xfl.crypto.codec import flatten, layout_of
 from secure_xfl.crypto.context import check_context_matches, get_preset
 from secure_xfl.crypto.errors import MaskError
@@ -291,6 +292,7 @@ class ClientService:
                                          epoch=act.epoch, key=key)  # fmt: skip
             except RemoteError as exc:
                 return m.on_error(exc.code, exc.message, now())
+            failpoints.hit("client.after_mask_key", act.round)
             return m.on_reply("ack", reply, now())
         if isinstance(act, Train):
             self._resend, self._vectors = None, {}

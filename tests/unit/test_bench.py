@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from secure_xfl.bench.cli import main
@@ -124,3 +126,90 @@ def test_training_section_is_wired_into_the_cli(
     assert "| DP-SGD | 16 (expected, Poisson) | 3 | 100 | 0.25 | 5.0 | 4.0 |" in (
         capsys.readouterr().out
     )
+
+
+def test_tiny_he_section_has_every_system_side_by_side(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--sections", "he", "--he-numel", "20000", "--he-clients", "3", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert rows and all(tuple(r) == ROW_KEYS for r in rows)
+    labels = (
+        "nvflare-default",
+        "xfl-packed",
+        "xfl-packed masked, cohort 3",
+        "bfv-lanes",
+        "bfv-lanes masked, cohort 3",
+    )
+    for label in labels:
+        tag = f"[{label} vs plaintext fp32]"
+        mine = [r for r in rows if r["metric"].endswith(tag)]
+        assert [r["unit"] for r in mine] == ["B/param", "params/s", "params/s", "params/s"]
+        assert (
+            "protect incl. masks" in mine[1]["metric"] and "ingest, 3 clients" in mine[2]["metric"]
+        )
+        assert "decrypt + unmask + unpack" in mine[3]["metric"]
+        assert mine[0]["baseline"] == 4.0  # the float32 upload
+        assert all(r["ours"] is not None and r["ours"] > 0 for r in mine)
+    detail = json.loads(out.with_suffix(".he.json").read_text())
+    got = {s["label"]: s for s in detail["systems"]}
+    assert list(got) == ["plaintext fp32", *labels]
+    for scheme in ("xfl-packed", "bfv-lanes"):  # masks cost no bytes
+        masked = got[f"{scheme} masked, cohort 3"]["bytes_per_param"]
+        assert masked == pytest.approx(got[scheme]["bytes_per_param"], rel=0.01)
+    assert got["bfv-lanes"]["goals"]["max_bytes"] == 5.5
+    assert got["bfv-lanes masked, cohort 3"]["goals"]["min_protect"] == 6e6
+    assert got["xfl-packed masked, cohort 3"]["goals"]["max_bytes"] == 10.8
+    assert got["nvflare-default"]["goals"] is None and got["plaintext fp32"]["decrypt"] is None
+    # At 20k params the last ciphertext is mostly empty: the byte goals are missed.
+    assert any(m.startswith("bytes") for m in got["bfv-lanes"]["misses"])
+    assert "| system | B/param | protect M/s | ingest M/s (cohort) |" in printed
+    assert "| bfv-lanes masked, cohort 3 | " in printed
+    cmd = "OMP_NUM_THREADS=1 taskset -c 1 secure-xfl bench --sections he --he-numel 20000"
+    assert f"Reproduce: `{cmd} --he-clients 3`" in printed
+
+
+def test_he_masked_rows_check_the_unmasked_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    from secure_xfl.bench import he
+    from secure_xfl.bench.bfv import System, make_system
+
+    cfg = he.HEBenchConfig(numel=5000, cohorts=(3,), repeats=1)
+    for name in ("xfl-packed", "bfv-lanes"):
+        system = make_system(name, cfg.bfv_config())
+        ok = he.measure_masked(system, cfg, 3)
+        assert ok.masked and ok.decrypt_clients == 3 and ok.ingest.keys() == {3}
+        honest = he.decrypt_masked
+
+        def off_by_one_level(
+            s: System, agg: list[bytes], n: int, honest: Any = honest
+        ) -> np.ndarray:
+            got: np.ndarray = honest(s, agg, n)
+            got[17] += s.quant.step
+            return got
+
+        monkeypatch.setattr(he, "decrypt_masked", off_by_one_level)
+        with pytest.raises(AssertionError, match="1 of 5000 values wrong"):
+            he.measure_masked(system, cfg, 3)
+        monkeypatch.undo()
+
+
+def test_he_masks_cancel_only_over_the_whole_cohort() -> None:
+    from secure_xfl.bench import he
+    from secure_xfl.bench.bfv import make_system
+    from secure_xfl.crypto.errors import CodecError
+
+    cfg = he.HEBenchConfig(numel=5000, cohorts=(3,), repeats=1)
+    system = make_system("bfv-lanes", cfg.bfv_config())
+    masks = he.cohort_masks(3)
+    ys = [np.zeros(cfg.numel) for _ in masks]
+    ups = [
+        he.protect_masked(system, y, np.random.default_rng(i), m)
+        for i, (y, m) in enumerate(zip(ys, masks, strict=True))
+    ]
+    whole = he.decrypt_masked(system, system.ingest(ups), 3)
+    assert np.max(np.abs(whole)) <= 3 * system.quant.step  # zeros, up to the rounding
+    with pytest.raises(CodecError):  # two of three: the masks do not cancel
+        he.decrypt_masked(system, system.ingest(ups[:2]), 2)
