@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
+from secure_xfl.crypto.context import PRESETS
 from secure_xfl.crypto.dpspec import DEFAULT_DELTA, DPSpec
+from secure_xfl.crypto.packing import QuantSpec
 from secure_xfl.crypto.recordspec import RecordDPFloor
 from secure_xfl.errors import ConfigError
 from secure_xfl.transport.config import TransportConfig
@@ -31,11 +33,17 @@ class FederationSettings:
     run: str = "run-0"
     """Run id; signed into every update so updates cannot cross runs."""
     preset: str = "xfl-default"
-    """CKKS preset (see ``secure_xfl.crypto.context.PRESETS``)."""
+    """HE preset (see ``secure_xfl.crypto.context.PRESETS``): ``xfl-default``, ``xfl-sum``
+    and ``nvflare-default`` are CKKS on floats; ``xfl-packed`` (CKKS) and ``bfv-lanes``
+    (BFV, fewest bytes) pack quantised integers and need client-level σ > 0."""
     min_clients: int = 2
     """Fewest clients an aggregate must cover before the key holder decrypts it."""
     rounds: int = 3
     """Rounds in the run."""
+    max_clients: int = 8
+    """Packed presets: most updates one aggregate may sum (sizes each lane's headroom).
+    ``bfv-lanes`` fixes it in the key holder's context at provisioning; ``xfl-packed``
+    uses the larger of this and the number of enrolled clients."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +208,17 @@ class KitConfig:
     def has_dp(self) -> bool:
         """Whether this kit asks for any differential privacy at all."""
         return self.privacy.noise_multiplier > 0 or self.privacy.record.enabled
+
+    def lane_quant(self) -> QuantSpec | None:
+        """The quantisation a ``bfv-lanes`` run's plain modulus is fixed by (its plans
+        must sign exactly this); ``None`` for every other preset."""
+        preset = PRESETS.get(self.federation.preset)
+        if preset is None or preset.scheme != "bfv":
+            return None
+        dp = self.dp_spec()
+        if dp.noise_multiplier <= 0:
+            raise ConfigError("bfv-lanes derives its quantisation from client-level σ > 0")
+        return QuantSpec.for_dp(dp, max_clients=self.federation.max_clients)
 
     def dp_spec(self) -> DPSpec:
         """The client-level DP this kit demands (or, for the aggregator, proposes)."""

@@ -37,12 +37,12 @@ from secure_xfl.config import (
 )
 from secure_xfl.crypto import pem, pki
 from secure_xfl.crypto.context import (
-    generate_context,
     get_preset,
     public_context_bytes,
     read_context_file,
     write_secret_context,
 )
+from secure_xfl.crypto.lanes import new_context
 from secure_xfl.errors import ConfigError
 from secure_xfl.transport.config import TlsIdentity
 
@@ -119,7 +119,7 @@ def provision(
         "keyholder": _write_party(out, ca_cert, ca_key, base, "keyholder", "main"),
         "aggregator": _write_party(out, ca_cert, ca_key, base, "aggregator", "main"),
     }
-    ctx = generate_context(preset)
+    ctx = new_context(preset, base.lane_quant())
     write_secret_context(kits["keyholder"] / SECRET_CTX, ctx)
     public = public_context_bytes(ctx)
     (kits["aggregator"] / PUBLIC_CTX).write_bytes(public)

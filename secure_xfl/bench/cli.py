@@ -13,7 +13,7 @@ from typing import Any
 
 from secure_xfl.bench.report import Row, markdown, write_json
 
-SECTIONS = ("crypto", "transport", "round", "training", "loadtest", "he")
+SECTIONS = ("crypto", "transport", "round", "training", "loadtest", "he", "masking")
 #: What runs without --sections: the load test takes minutes at 200 clients, so it is
 #: asked for by name (``--sections loadtest``). ``he`` (every HE system side by side,
 #: masked cohorts of 3 and 8, 1M params, one core) takes ~25-40 s, so it runs by default.
@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         "--sections",
         default=",".join(DEFAULT_SECTIONS),
         help=f"comma-separated subset of {','.join(SECTIONS)} (default "
-        f"{','.join(DEFAULT_SECTIONS)}; loadtest takes minutes: ask for it by name)",
+        f"{','.join(DEFAULT_SECTIONS)}; loadtest and masking take minutes: ask for them by "
+        "name)",
     )
     p.add_argument("--numel", type=int, help="crypto update size (default 262144; quick 12288)")
     p.add_argument("--clients", help="ingest cohort sizes, e.g. 3,10,50")
@@ -118,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         rows += training_rows(training)
+    if "masking" in sections:
+        from secure_xfl.bench.loadtest import masking_rows
+
+        rows += masking_rows((3,) if args.quick else (3, 10),
+                             params=20_000 if args.quick else 1_000_000,
+                             rounds=2 if args.quick else 3)  # fmt: skip
     if "loadtest" in sections:
         from secure_xfl.bench.loadtest import bench_rows
 

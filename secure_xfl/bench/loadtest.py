@@ -86,6 +86,8 @@ class LoadtestConfig:
     """Give up on the whole run after this long (0: 300 s + 120 s per round)."""
     out: Path | None = None
     """Keep the federation, logs and rounds here (default: a temporary folder)."""
+    masking: bool = True
+    """Pairwise masks on packed presets (``privacy.masking`` of every kit)."""
 
     @property
     def n_workers(self) -> int:
@@ -104,6 +106,7 @@ class LoadtestConfig:
             ("preset", self.preset), ("workers", self.workers), ("datagram", self.datagram),
             ("noise", self.noise_multiplier), ("min_clients", self.min_clients),
         ) if v != getattr(d, k if k != "noise" else "noise_multiplier")]  # fmt: skip
+        extra += [] if self.masking else ["--no-masks"]
         return " ".join([f"secure-xfl loadtest --clients {self.clients} --params {self.params}",
                          f"--rounds {self.rounds}", *extra])  # fmt: skip
 
@@ -121,12 +124,18 @@ def kit_config(cfg: LoadtestConfig) -> KitConfig:
         raise ConfigError(f"preset {cfg.preset} needs client-level noise (--noise > 0)")
     slack = 60.0 + cfg.clients * 0.5  # N clients queue for one event loop on a busy host
     return KitConfig(
-        federation=FederationSettings(preset=cfg.preset, min_clients=cfg.cohort, rounds=cfg.rounds),
+        federation=FederationSettings(
+            preset=cfg.preset,
+            min_clients=cfg.cohort,
+            rounds=cfg.rounds,
+            max_clients=max(8, cfg.clients),
+        ),
         privacy=PrivacySettings(
             clip_norm=cfg.clip_norm,
             noise_multiplier=cfg.noise_multiplier,
             record=RecordPrivacySettings(enabled=False),  # simulated clients do not train
             allow_no_dp=cfg.noise_multiplier == 0,
+            masking=cfg.masking,
         ),
         round=RoundSettings(weighting="client", weight_cap=1.0, timeout_s=cfg.timeout_s),
         transport=TransportConfig(
@@ -301,6 +310,11 @@ def parser() -> CliParser:
     p.add_argument("--timeout", type=_positive, default=d.timeout_s, help="round timeout, s")
     p.add_argument("--deadline", type=_positive, help="give up after this many s (default: "
                    "300 + 120 per round)")  # fmt: skip
+    p.add_argument(
+        "--no-masks",
+        action="store_true",
+        help="packed presets without pairwise masks (every kit's privacy.masking)",
+    )
     p.add_argument("--json", metavar="OUT", help="write the report here")
     p.add_argument("--out", help="keep federation, logs and rounds.jsonl in this folder")
     return p
@@ -313,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         clients=args.clients, params=args.params, rounds=args.rounds, preset=args.preset,
         workers=args.workers or 0, noise_multiplier=args.noise, min_clients=args.min_clients or 0,
         datagram=args.datagram, timeout_s=args.timeout, deadline_s=args.deadline or 0.0,
-        out=Path(args.out) if args.out else None,
+        out=Path(args.out) if args.out else None, masking=not args.no_masks,
     )  # fmt: skip
     if cfg.out is not None and cfg.out.exists() and any(cfg.out.iterdir()):
         raise ConfigError(f"--out {cfg.out} exists and is not empty")
@@ -357,4 +371,29 @@ def bench_rows(
             row(f"loadtest aggregator peak RSS, {what}", "MB", s["aggregator_peak_mb"], None),
             row(f"loadtest key holder peak RSS, {what}", "MB", s["keyholder_peak_mb"], None),
         ]
+    return rows
+
+
+def masking_rows(
+    clients: Sequence[int] = (3, 10),
+    params: int = 1_000_000,
+    presets: Sequence[str] = ("xfl-packed", "bfv-lanes"),
+    rounds: int = 3,
+) -> list[Row]:
+    """``secure-xfl bench --sections masking``: the steady round time of a masked run
+    beside the same run without masks (same preset, cohort and host, one after the
+    other); the ratio is what pairwise masks cost a round."""
+    rows: list[Row] = []
+    for preset in presets:
+        for n in clients:
+            times = []
+            for masking in (True, False):
+                cfg = LoadtestConfig(clients=n, params=params, rounds=rounds, preset=preset,
+                                     masking=masking)  # fmt: skip
+                report = run_loadtest(cfg, echo=False)
+                if not report["ok"]:
+                    raise RuntimeError(f"{cfg.command()} did not complete: {report['summary']}")
+                times.append(report["summary"]["round_s"])
+            what = f"{n} clients × {params:,} params, {preset}, masked vs unmasked"
+            rows.append(row(f"round time, {what} [{cfg.command()}]", "s", times[0], times[1]))
     return rows

@@ -29,6 +29,7 @@ from secure_xfl.crypto.errors import (
     SignatureInvalid,
     WeightOutOfBounds,
 )
+from secure_xfl.crypto.lanes import chunk_slots, load_packed
 from secure_xfl.crypto.packing import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,11 @@ class Accumulator:
         self.weight_scale = weight_scale
         self.quant = quant
         self._lengths: list[int] = list(
-            quant.chunk_slots(numel, preset.slots)
+            chunk_slots(preset, quant, numel)
             if quant is not None
             else chunk_lengths(numel, preset.slots)
         )
-        self._sum: list[ts.CKKSVector] | None = None
+        self._sum: list[Any] | None = None  # CKKS or BFV vectors
         self._manifest: list[SignedStatement] = []
         self._clients: set[str] = set()
 
@@ -168,7 +169,7 @@ class Accumulator:
                 f"the sum already holds max_clients={quant.max_clients} packed updates"
             )
         if self.quant is None:
-            return quant.chunk_slots(self.numel, self.preset.slots)
+            return chunk_slots(self.preset, quant, self.numel)
         return self._lengths
 
     def add(
@@ -190,9 +191,10 @@ class Accumulator:
             also(update)
         quant = update.statement.quant
         lengths = self._check_quant(update)
-        scale_bits = None if quant is None else quant.scale_bits
         vectors = [
-            load_chunk(self.ctx, c, self.preset, expected_len=n, scale_bits=scale_bits)
+            load_chunk(self.ctx, c, self.preset, expected_len=n)
+            if quant is None
+            else load_packed(self.ctx, self.preset, quant, c, n)
             for c, n in zip(update.chunks, lengths, strict=True)
         ]
         mult = self.multiplier(update.signed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import tenseal as ts
 
@@ -34,7 +35,7 @@ MAX_CONTEXT_BYTES = 256 * 1024 * 1024
 
 @dataclass(frozen=True)
 class CKKSPreset:
-    """Named CKKS parameter set."""
+    """Named HE parameter set: CKKS, or BFV lanes (``scheme="bfv"``, see ``lanes.py``)."""
 
     name: str
     """Identifier carried in envelopes so both sides agree on the parameters."""
@@ -54,6 +55,9 @@ class CKKSPreset:
     """Why the preset exists."""
     packed: bool = False
     """Slots carry quantised integers packed several per slot (sums only; see packing.py)."""
+    scheme: Literal["ckks", "bfv"] = "ckks"
+    """``bfv``: integer slots mod a plain modulus the quantiser fixes (``bfv.py``); a BFV
+    preset is always packed and ``scale_bits``/``depth`` do not apply."""
 
     def __post_init__(self) -> None:
         check_security(self.poly_modulus_degree, self.coeff_mod_bit_sizes)
@@ -64,11 +68,13 @@ class CKKSPreset:
             )
         if not 10 <= self.scale_bits <= 60:
             raise InsecureParameters(f"preset {self.name!r}: scale_bits out of range")
+        if self.scheme == "bfv" and not self.packed:
+            raise InsecureParameters(f"preset {self.name!r}: BFV presets are packed")
 
     @property
     def slots(self) -> int:
-        """Values per ciphertext."""
-        return self.poly_modulus_degree // 2
+        """Values per ciphertext (CKKS: N/2 real slots; BFV: N integer slots)."""
+        return self.poly_modulus_degree // (1 if self.scheme == "bfv" else 2)
 
     @property
     def fresh_levels(self) -> int:
@@ -167,6 +173,22 @@ PRESETS: dict[str, CKKSPreset] = {
                 "Sums only."
             ),
         ),
+        CKKSPreset(
+            name="bfv-lanes",
+            poly_modulus_degree=4096,
+            coeff_mod_bit_sizes=(60, 49),
+            scale_bits=16,
+            depth=0,
+            rel_error=0.0,
+            abs_error=0.0,
+            packed=True,
+            scheme="bfv",
+            description=(
+                "Fewest bytes: the same lanes in BFV's N integer slots (CKKS has N/2), "
+                "added exactly mod a prime t ≥ max_clients·2^(lanes·B) fixed at provisioning "
+                "from the DP settings (bfv.py). About 5.4 B/param. Sums only."
+            ),
+        ),
     )
 }
 
@@ -182,8 +204,11 @@ def get_preset(name: str) -> CKKSPreset:
 
 
 def generate_context(preset: CKKSPreset | str = DEFAULT_PRESET) -> ts.Context:
-    """Create a fresh CKKS context with a secret key (key holder only)."""
+    """Create a fresh CKKS context with a secret key (key holder only; BFV presets:
+    :func:`secure_xfl.crypto.lanes.new_context`)."""
     p = get_preset(preset) if isinstance(preset, str) else preset
+    if p.scheme != "ckks":
+        raise ContextError(f"preset {p.name!r} is not CKKS: use lanes.new_context")
     ctx = ts.context(
         ts.SCHEME_TYPE.CKKS,
         poly_modulus_degree=p.poly_modulus_degree,

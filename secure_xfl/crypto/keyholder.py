@@ -33,7 +33,8 @@ from secure_xfl.crypto.context import CKKSPreset
 from secure_xfl.crypto.dpspec import DPSpec, effective_noise
 from secure_xfl.crypto.envelope import EncryptedAggregate, SignedStatement
 from secure_xfl.crypto.errors import CodecError, DecryptionRefused, EnvelopeError
-from secure_xfl.crypto.packing import QuantSpec, unpack_vector
+from secure_xfl.crypto.lanes import chunk_slots, decrypt_packed, load_packed
+from secure_xfl.crypto.packing import QuantSpec
 from secure_xfl.crypto.record import DecryptionRecord
 from secure_xfl.crypto.recordspec import RecordDPFloor
 from secure_xfl.crypto.release import l2_norm, release_bound
@@ -352,15 +353,14 @@ class KeyHolder:
         if quant is None:
             lengths = list(chunk_lengths(agg.numel, self.preset.slots))
         else:
-            lengths = quant.chunk_slots(agg.numel, self.preset.slots)
+            lengths = chunk_slots(self.preset, quant, agg.numel)
         if len(agg.chunks) != len(lengths):
             raise EnvelopeError(f"aggregate has {len(agg.chunks)} chunks, expected {len(lengths)}")
         levels = self.preset.fresh_levels - (1 if agg.weighting == "aggregator" else 0)
-        scale_bits = None if quant is None else quant.scale_bits
         vectors = [
-            load_chunk(
-                self.ctx, c, self.preset, expected_len=n, levels=levels, scale_bits=scale_bits
-            )
+            load_chunk(self.ctx, c, self.preset, expected_len=n, levels=levels)
+            if quant is None
+            else load_packed(self.ctx, self.preset, quant, c, n)
             for c, n in zip(agg.chunks, lengths, strict=True)
         ]
         total = float(sum(s.statement.weight for s in agg.manifest))
@@ -374,10 +374,9 @@ class KeyHolder:
             if quant is None:
                 total_sum = decrypt_chunks(vectors, agg.numel)
             else:
-                values = [np.asarray(v.decrypt(), dtype=np.float64) for v in vectors]
                 n, masked = len(agg.manifest), agg.manifest[0].statement.mask is not None
-                total_sum = unpack_vector(values, quant, n, agg.numel, self.preset.slots,
-                                          masked=masked)  # fmt: skip
+                total_sum = decrypt_packed(vectors, self.preset, quant, n, agg.numel,
+                                           masked=masked)  # fmt: skip
         except CodecError as exc:
             self._refuse(release, "aggregate_invalid", str(exc), charge=not repeat)
         self._validate(agg, release, total_sum, quant, charge=not repeat)

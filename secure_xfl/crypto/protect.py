@@ -16,10 +16,9 @@ from secure_xfl.crypto import pki
 from secure_xfl.crypto.codec import (
     EncryptionPool,
     TensorLayout,
-    encrypt_slots,
     encrypt_vector,
 )
-from secure_xfl.crypto.cohort import CohortMask, centre
+from secure_xfl.crypto.cohort import CohortMask
 from secure_xfl.crypto.context import CKKSPreset
 from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.envelope import (
@@ -30,35 +29,17 @@ from secure_xfl.crypto.envelope import (
     ciphertext_digest,
 )
 from secure_xfl.crypto.errors import CodecError
-from secure_xfl.crypto.packing import DEFAULT_MAX_CLIENTS, QuantSpec, pack_chunks, pack_int_chunks
+from secure_xfl.crypto.lanes import MASK_WRAP_LOG2_LIMIT, masked_slots, seal_packed
+from secure_xfl.crypto.packing import DEFAULT_MAX_CLIENTS, QuantSpec
 from secure_xfl.crypto.recordspec import RecordDPSpec
+
+__all__ = ["MASK_WRAP_LOG2_LIMIT", "UNPLANNED", "masked_slots", "seal_vector"]
 
 #: Plan and model digests of updates sealed outside a planned round (library use).
 UNPLANNED = bytes(32)
 
 #: Headroom so the sum of this many clients' values still fits the preset's range.
 SUM_HEADROOM_CLIENTS = 1024
-#: A masked sum is sealed only if one CKKS coefficient wraps with probability below
-#: 2^this (:meth:`QuantSpec.masked_wrap_log2`).
-MASK_WRAP_LOG2_LIMIT = -128.0
-
-
-def masked_slots(
-    vec: np.ndarray, quant: QuantSpec, slots: int, rng: np.random.Generator, mask: CohortMask
-) -> list[np.ndarray]:
-    """Packed slot vectors plus this client's pairwise mask mod M, centred, one per
-    ciphertext: alone, each slot is uniform to anyone missing one of its pair seeds."""
-    modulus = quant.mask_modulus
-    chunks = list(pack_int_chunks(vec, quant, slots, rng))
-    total = sum(c.shape[0] for c in chunks)
-    stream = mask.mask(total, modulus)  # one stream over every slot of the update
-    out, pos = [], 0
-    for c in chunks:
-        masked = stream[pos : pos + c.shape[0]] + c.astype(np.uint64)  # both < M ≤ 2^62
-        np.minimum(masked, masked - np.uint64(modulus), out=masked)
-        out.append(centre(masked, modulus))
-        pos += c.shape[0]
-    return out
 
 
 def seal_vector(
@@ -122,18 +103,7 @@ def seal_vector(
         if rng is None:
             # Stochastic rounding needs unpredictable coins, not a fixed seed.
             rng = np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence()))
-        if mask is not None:
-            if len(mask.keys) > quant.max_clients:
-                raise CodecError(f"a cohort of {len(mask.keys)} exceeds the {quant.max_clients} "
-                                 "clients the lanes' headroom can sum")  # fmt: skip
-            wrap = quant.masked_wrap_log2(preset.poly_modulus_degree)
-            if wrap > MASK_WRAP_LOG2_LIMIT:
-                raise CodecError(f"{quant} leaves a masked sum a 2^{wrap:.0f} chance to wrap")
-            packed = iter(masked_slots(vec, quant, preset.slots, rng, mask))
-        else:
-            # pack_chunks range-checks each piece against ±R before quantising it.
-            packed = pack_chunks(vec, quant, preset.slots, rng)
-        chunks = encrypt_slots(ctx, packed, scale=2.0**quant.scale_bits, pool=pool)
+        chunks = seal_packed(ctx, preset, quant, vec, rng, mask=mask, pool=pool)
     else:
         limit = preset.max_abs_value / SUM_HEADROOM_CLIENTS
         peak = float(np.max(np.abs(vec)))

@@ -47,6 +47,9 @@ class CoordinatorSettings:
     max_refused: int = 2
     """Times a round is re-opened after the key holder refused its aggregate as invalid
     or out of bounds (each refusal is charged to the budget); then the run stops."""
+    max_clients: int = 8
+    """Packed presets: lane headroom for this many updates (``xfl-packed``: at least the
+    enrolment; ``bfv-lanes``: exactly this, as its context was made for it)."""
     masking: bool = False
     """Propose pairwise masks on packed presets (a masked round fixes its cohort after
     training; see :mod:`secure_xfl.crypto.cohort`)."""
@@ -81,8 +84,10 @@ def propose_plan(
             raise TrainingError(f"preset {preset.name!r} needs client-side weighting")
         if s.dp is None or s.dp.noise_multiplier <= 0:
             raise TrainingError(f"preset {preset.name!r} needs client-level DP with σ > 0")
-        # Lane headroom for everyone enrolled now (at least the library default).
-        quant = QuantSpec.for_dp(s.dp, max_clients=max(8, enrolled))
+        # BFV's plain modulus was fixed for max_clients; CKKS lanes make room for everyone
+        # enrolled now (at least max_clients).
+        cap = s.max_clients if preset.scheme == "bfv" else max(s.max_clients, enrolled)
+        quant = QuantSpec.for_dp(s.dp, max_clients=cap)
     torch_model = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in model.items()}
     return RoundPlan(
         run=s.run,

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from secure_xfl import failpoints
-from secure_xfl.crypto.context import check_context_matches, get_preset
+from secure_xfl.crypto.context import get_preset
+from secure_xfl.crypto.lanes import check_context
 from secure_xfl.crypto.pki import PeerIdentity
 from secure_xfl.errors import SecureXFLError
 from secure_xfl.fsio import StorageError
@@ -84,7 +85,7 @@ class AggregatorService:
         self.kit = kit
         self.preset = get_preset(cfg.federation.preset)
         ctx = kit.public_context()
-        check_context_matches(ctx, self.preset)
+        check_context(ctx, self.preset, kit.config.lane_quant())
         self._certs = kit.client_certificates()
         settings = coordinator_settings(kit)
         rule = make_rule(cfg.round.rule, lr=cfg.round.server_lr)

@@ -80,6 +80,7 @@ def coordinator_settings(kit: Kit) -> CoordinatorSettings:
         max_staleness=cfg.round.max_staleness,
         max_refused=cfg.privacy.max_refused_decryptions,
         masking=cfg.privacy.masking,
+        max_clients=cfg.federation.max_clients,
         mask_timeout_s=cfg.round.mask_timeout_s,
     )
 
@@ -261,17 +262,17 @@ def request_limits(core: Coordinator) -> Callable[[str], int]:
     chunk count (packed presets: ``slots x lanes`` values per chunk, from the current
     plan, as ``QuantSpec.chunk_params``) — plus 10 % and 64 KiB for the signed statement
     and msgpack framing."""
-    from secure_xfl.crypto.codec import encrypt_slots
+    from secure_xfl.crypto.codec import chunk_lengths
+    from secure_xfl.crypto.lanes import chunk_slots, fresh_chunk_bytes
     from secure_xfl.transport.limits import limits_table
 
-    preset, numel, quant = core.preset, core.layout.numel, core.plan.quant
-    scale = None if quant is None else 2.0**quant.scale_bits
-    chunk = len(encrypt_slots(core.ctx, [np.zeros(preset.slots)], scale=scale)[0])
+    preset, numel = core.preset, core.layout.numel
+    chunk = fresh_chunk_bytes(core.ctx, preset, core.plan.quant)
 
     def upload() -> int:
         q = core.plan.quant  # lanes follow the plan (they depend on the enrolment)
-        chunks = -(-numel // (preset.slots * (1 if q is None else q.lanes)))
-        return int(chunks * chunk * 1.1) + (64 << 10)
+        n = len(chunk_lengths(numel, preset.slots) if q is None else chunk_slots(preset, q, numel))
+        return int(n * chunk * 1.1) + (64 << 10)
 
     small = 16 << 10  # decline: reason and detail strings of ≤ 4096 bytes each
     return limits_table({"hello": small, "task": small, "decline": small, "upload": upload,

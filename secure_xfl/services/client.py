@@ -27,8 +27,9 @@ import torch
 
 from secure_xfl import failpoints
 from secure_xfl.crypto.codec import flatten, layout_of
-from secure_xfl.crypto.context import check_context_matches, get_preset
+from secure_xfl.crypto.context import get_preset
 from secure_xfl.crypto.errors import MaskError
+from secure_xfl.crypto.lanes import check_context
 from secure_xfl.crypto.recordspec import RecordDPSpec
 from secure_xfl.errors import ConfigError, TrainingError
 from secure_xfl.kit import Kit
@@ -112,7 +113,7 @@ class ClientService:
         self.name = kit.config.party.name
         self.preset = get_preset(kit.config.federation.preset)
         self.ctx = kit.public_context()
-        check_context_matches(self.ctx, self.preset)
+        check_context(self.ctx, self.preset, kit.config.lane_quant())
         self.trainer = trainer
         self.peer = Peer(
             tls=kit.tls, role="aggregator", address=aggregator, config=kit.config.transport

@@ -24,10 +24,11 @@ import msgpack
 from cryptography.hazmat.primitives import serialization
 
 from secure_xfl import failpoints
-from secure_xfl.crypto.context import check_context_matches, get_preset
+from secure_xfl.crypto.context import get_preset
 from secure_xfl.crypto.envelope import SignedStatement
 from secure_xfl.crypto.errors import DecryptionRefused
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy, Release
+from secure_xfl.crypto.lanes import check_context
 from secure_xfl.crypto.pki import PeerIdentity
 from secure_xfl.crypto.recordspec import RecordDPSpec
 from secure_xfl.fsio import StorageError
@@ -73,7 +74,7 @@ class KeyHolderService:
         self.kit = kit
         self.preset = get_preset(cfg.federation.preset)
         ctx = kit.secret_context()
-        check_context_matches(ctx, self.preset)
+        check_context(ctx, self.preset, kit.config.lane_quant())
         self.state_dir = state_dir or kit.path / "state"
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ledger = PrivacyLedger(self.state_dir / LEDGER_FILE, kit.tls.private_key)

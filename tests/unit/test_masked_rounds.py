@@ -19,11 +19,13 @@ import torch
 from secure_xfl.crypto import pki
 from secure_xfl.crypto.codec import layout_of
 from secure_xfl.crypto.cohort import CohortMask, verify_cohort
-from secure_xfl.crypto.context import get_preset
+from secure_xfl.crypto.context import get_preset, load_context, public_context_bytes
 from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.errors import DecryptionRefused, MaskError
 from secure_xfl.crypto.keyholder import KeyHolder, KeyHolderPolicy
+from secure_xfl.crypto.lanes import new_context
 from secure_xfl.crypto.masking import MaskKeyPair
+from secure_xfl.crypto.packing import QuantSpec
 from secure_xfl.errors import ConfigError, SecureXFLError
 from secure_xfl.protocol import messages
 from secure_xfl.protocol.client import (
@@ -52,6 +54,16 @@ CERTS = {n: c for n, (c, _) in IDS.items()}
 NUMEL = 3000
 DP = DPSpec(clip_norm=1.0, noise_multiplier=0.5, min_clients=2)
 PACKED = get_preset("xfl-packed")
+_CTX: dict[str, tuple[Any, Any]] = {}
+
+
+def lane_contexts(name: str) -> tuple[Any, Any]:
+    """(secret, public) contexts of a packed preset (BFV: t fixed by the run's quant)."""
+    if name not in _CTX:
+        quant = QuantSpec.for_dp(DP, max_clients=8)
+        secret = new_context(get_preset(name), quant)
+        _CTX[name] = (secret, load_context(public_context_bytes(secret), require_secret=False))
+    return _CTX[name]
 
 
 @dataclass
@@ -59,6 +71,7 @@ class Sim:
     core: Coordinator
     kh: KeyHolder
     clients: dict[str, ClientRound]
+    preset: Any = PACKED
     now: float = 0.0
     dead: set[str] = field(default_factory=set)  # never answer after publishing a key
     tamper: Any = None  # rewrites a relayed cohort (a lying aggregator)
@@ -121,9 +134,9 @@ class Sim:
                 self.log.append(f"{name} refuses the cohort: {exc.reason}")
                 return m.refuse_cohort(exc.reason, str(exc))
             mask = CohortMask("r", act.round, act.epoch or 0, name, self.pairs[name], keys)
-            _, public = contexts("xfl-packed")
+            _, public = lane_contexts(self.preset.name)
             layout = layout_of({"w": torch.zeros(NUMEL)})
-            blob = seal_upload(act, self.vectors[name], layout, ctx=public, preset=PACKED,
+            blob = seal_upload(act, self.vectors[name], layout, ctx=public, preset=self.preset,
                                client=name, signing_key=IDS[name][1], mask=mask)  # fmt: skip
             try:
                 self.core.upload(name, act.round, blob)
@@ -162,27 +175,31 @@ class Sim:
             self.now += dt
 
 
-def make_sim(tmp: Path, *, rounds: int = 1, mask_timeout: float = 20.0) -> Sim:
-    secret, public = contexts("xfl-packed")
+def make_sim(
+    tmp: Path, *, rounds: int = 1, mask_timeout: float = 20.0, preset: str = "xfl-packed"
+) -> Sim:
+    secret, public = lane_contexts(preset)
+    packed = get_preset(preset)
     settings = CoordinatorSettings(
         run="r", rounds=rounds, min_clients=2, timeout_s=30.0, dp=DP, weighting="client",
         weight_cap=10.0, give_up_after_s=600.0, masking=True, mask_timeout_s=mask_timeout,
     )  # fmt: skip
-    core = Coordinator(settings, ctx=public, preset=PACKED, enrolled=lambda: CERTS,
+    core = Coordinator(settings, ctx=public, preset=packed, enrolled=lambda: CERTS,
                        model={"w": np.zeros(NUMEL, dtype=np.float32)}, rule=make_rule("fedavg"),
                        now=0.0)  # fmt: skip
-    kh = KeyHolder(ctx=secret, preset=PACKED, client_keys=CERTS, state_dir=tmp,
+    kh = KeyHolder(ctx=secret, preset=packed, client_keys=CERTS, state_dir=tmp,
                    policy=KeyHolderPolicy(run="r", min_clients=2, dp=DP, masking=True))  # fmt: skip
     policy = ClientPolicy(run="r", dp=DP, min_clients=2, masking=True)
-    return Sim(core=core, kh=kh, clients={n: ClientRound(n, policy) for n in NAMES})
+    return Sim(core=core, kh=kh, clients={n: ClientRound(n, policy) for n in NAMES}, preset=packed)
 
 
 def expected_mean(names: list[str]) -> float:
     return float(np.mean([0.01 * (1 + NAMES.index(n)) for n in names]))
 
 
-def test_a_masked_run_releases_only_whole_cohorts(tmp_path: Path) -> None:
-    s = make_sim(tmp_path, rounds=2)
+@pytest.mark.parametrize("preset", ["xfl-packed", "bfv-lanes"])
+def test_a_masked_run_releases_only_whole_cohorts(tmp_path: Path, preset: str) -> None:
+    s = make_sim(tmp_path, rounds=2, preset=preset)
     assert s.core.plan.masked and s.core.plan.quant is not None
     s.run()
     assert s.core.ok, s.core.outcome
@@ -195,8 +212,11 @@ def test_a_masked_run_releases_only_whole_cohorts(tmp_path: Path) -> None:
     assert sorted(s.trainings) == ["a@0", "a@1", "b@0", "b@1", "c@0", "c@1"]
 
 
-def test_a_dropout_after_the_cohort_is_fixed_re_masks_without_retraining(tmp_path: Path) -> None:
-    s = make_sim(tmp_path, mask_timeout=10.0)
+@pytest.mark.parametrize("preset", ["xfl-packed", "bfv-lanes"])
+def test_a_dropout_after_the_cohort_is_fixed_re_masks_without_retraining(
+    tmp_path: Path, preset: str
+) -> None:
+    s = make_sim(tmp_path, mask_timeout=10.0, preset=preset)
     s.dead = {"c"}
     s.run()
     assert s.core.ok, s.core.outcome
