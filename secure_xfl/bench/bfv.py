@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ import numpy as np
 import tenseal as ts
 
 from secure_xfl.bench.report import Row, row
+from secure_xfl.bench.report import best_of as _best
 from secure_xfl.crypto.bfv import (
     BFVLayout,
     BFVSum,
@@ -156,15 +156,6 @@ class System:
         if self.ckks.packed:
             return unpack_vector(vals, self.quant, n, self.numel, self.ckks.slots)
         return np.concatenate(vals)
-
-
-def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    best, out = math.inf, None
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def bench_dp(cfg: BFVBenchConfig) -> DPConfig:

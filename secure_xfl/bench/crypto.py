@@ -16,7 +16,7 @@ import os
 import resource
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from secure_xfl.bench.report import Row, row
+from secure_xfl.bench.report import best_of as _best
 from secure_xfl.crypto.aggregate import Accumulator
 from secure_xfl.crypto.codec import EncryptionPool, TensorLayout, TensorSpec
 from secure_xfl.crypto.context import (
@@ -94,15 +95,6 @@ def _dp(cfg: CryptoBenchConfig) -> DPConfig:
 
 def _layout(numel: int) -> TensorLayout:
     return TensorLayout((TensorSpec("weight", (numel,), "float32"),))
-
-
-def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    best, out = math.inf, None
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def _updates(numel: int, n: int) -> Iterator[np.ndarray]:

@@ -28,7 +28,7 @@ import functools
 import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,7 @@ from secure_xfl.bench.bfv import (
     measure,
 )
 from secure_xfl.bench.report import Row, row
+from secure_xfl.bench.report import best_of as _best
 from secure_xfl.crypto.bfv import decrypt_bfv_slots, encrypt_bfv, pack_bfv, unpack_bfv
 from secure_xfl.crypto.codec import encrypt_slots
 from secure_xfl.crypto.cohort import CohortMask
@@ -222,15 +223,6 @@ class HEResult:
             "command": self.command(),
             "systems": [{**dataclasses.asdict(s), "label": s.label} for s in self.systems],
         }
-
-
-def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    best, out = math.inf, None
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def _inputs(cfg: HEBenchConfig, n: int) -> list[np.ndarray]:

@@ -284,7 +284,10 @@ def check_context_matches(ctx: ts.Context, preset: CKKSPreset) -> None:
     TenSEAL does not expose the parameters directly, so one probe encryption
     reveals them.
     """
-    probe = ts.ckks_vector(ctx, [0.0]).ciphertext()[0]
+    try:
+        probe = ts.ckks_vector(ctx, [0.0]).ciphertext()[0]
+    except ValueError as exc:  # a BFV context: "no global scale" / "unsupported scheme"
+        raise ContextError(f"not a CKKS context of preset {preset.name!r}: {exc}") from None
     got = (probe.poly_modulus_degree(), probe.coeff_modulus_size(), probe.scale)
     want = (preset.poly_modulus_degree, preset.fresh_levels, float(2**preset.scale_bits))
     if got != want:

@@ -126,9 +126,9 @@ def seal_packed(
     if mask is not None and len(mask.keys) > quant.max_clients:
         raise CodecError(f"a cohort of {len(mask.keys)} exceeds the {quant.max_clients} "
                          "clients the lanes' headroom can sum")  # fmt: skip
+    check_context(ctx, preset, quant)
     if preset.scheme == "bfv":
         layout = bfv_layout(preset, quant)
-        check_bfv_context(ctx, layout)
         slots = pack_bfv(vec, layout, rng)
         if mask is not None:
             slots = [r.astype(np.int64) for r in _add_mask(slots, mask, layout.mask_modulus)]
@@ -181,6 +181,7 @@ def decrypt_packed(
 
 def fresh_chunk_bytes(ctx: ts.Context, preset: CKKSPreset, quant: QuantSpec | None) -> int:
     """Size of one fresh ciphertext under ``ctx`` (measured: sizes request limits)."""
+    check_context(ctx, preset, quant)
     if preset.scheme == "bfv" and quant is not None:
         layout = bfv_layout(preset, quant)
         zeros = np.zeros(preset.poly_modulus_degree, np.int64)
