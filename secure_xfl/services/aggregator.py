@@ -191,7 +191,7 @@ class AggregatorService:
             return messages.encode("ack", round=rnd, accepted=True)
         members = self.core.members(name, rnd, epoch)
         if members is None:
-            return messages.encode("wait", retry_s=0.2)
+            return messages.encode("wait", retry_s=0.05)
         return messages.encode("members", round=rnd, epoch=epoch, members=members)
 
     def _task(self, name: str, after: int, attempt: int) -> bytes:
