@@ -6,11 +6,17 @@ followed by msgpack ``{"code", "message"[, "reason"]}`` (at most 64 KiB).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import msgpack
 
+from secure_xfl.errors import SecureXFLError
 from secure_xfl.transport.errors import RemoteError, TransportError
 
-__all__ = ["STATUS_ERROR", "STATUS_OK", "decode_response", "encode_error"]
+__all__ = ["STATUS_ERROR", "STATUS_OK", "answer", "decode_response", "encode_error"]
 
 STATUS_OK = 0
 STATUS_ERROR = 1
@@ -47,3 +53,32 @@ def decode_response(data: bytes) -> bytes:
             raise TransportError("malformed error reply") from exc
         raise RemoteError(return_code, message, reason)
     raise TransportError(f"invalid response status byte {status}")
+
+
+async def answer(
+    handler: Callable[[Any, bytes], Awaitable[bytes]],
+    peer: Any,
+    payload: bytes,
+    log: logging.Logger,
+    where: str,
+) -> list[bytes]:
+    """Run the application's handler on one verified request; the reply's parts.
+
+    A typed refusal becomes an error reply with its code (and ``reason``); anything
+    else the handler raises is logged and answered ``internal``: the server keeps
+    serving whatever one request does (the QUIC and TLS servers share this).
+    """
+    try:
+        body = await handler(peer, payload)
+        if not isinstance(body, bytes | bytearray | memoryview):
+            raise TypeError(f"handler returned {type(body).__name__}, not bytes")
+        return [bytes([STATUS_OK]), bytes(body)]
+    except asyncio.CancelledError:
+        raise
+    except SecureXFLError as exc:
+        log.info("[peer=%s] handler refused request: %s (%s)", peer, exc, exc.code)
+        reason = getattr(exc, "reason", None)
+        return [encode_error(exc.code, str(exc), reason if isinstance(reason, str) else None)]
+    except Exception:
+        log.exception("[peer=%s] handler crashed on %s", peer, where)
+        return [encode_error("internal", "internal server error")]

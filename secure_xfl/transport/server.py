@@ -34,7 +34,6 @@ from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicErrorCode
 
-from secure_xfl.errors import SecureXFLError
 from secure_xfl.transport import mtls
 from secure_xfl.transport.errors import (
     MalformedRequest,
@@ -42,7 +41,7 @@ from secure_xfl.transport.errors import (
     ServerBusy,
     TransportError,
 )
-from secure_xfl.transport.framing import STATUS_OK, encode_error
+from secure_xfl.transport.framing import answer, encode_error
 from secure_xfl.transport.limits import PREFIX_BYTES, head, peek_type
 from secure_xfl.transport.streams import (
     ERR_BUSY,
@@ -338,20 +337,7 @@ class ServerProtocol(MessageProtocol):
     async def _serve(self, stream_id: int, payload: bytes) -> None:
         peer = self.peer
         assert peer is not None  # checked before the stream was accepted
-        try:
-            body = await self.server.handler(peer, payload)
-            if not isinstance(body, bytes | bytearray | memoryview):
-                raise TypeError(f"handler returned {type(body).__name__}, not bytes")
-            reply: list[bytes] = [bytes([STATUS_OK]), body]  # type: ignore[list-item]
-        except asyncio.CancelledError:
-            raise
-        except SecureXFLError as exc:
-            self.log.info("[peer=%s] handler refused request: %s (%s)", peer, exc, exc.code)
-            reason = getattr(exc, "reason", None)
-            reply = [encode_error(exc.code, str(exc), reason if isinstance(reason, str) else None)]
-        except Exception:
-            self.log.exception("[peer=%s] handler crashed on stream %d", peer, stream_id)
-            reply = [encode_error("internal", "internal server error")]
+        reply = await answer(self.server.handler, peer, payload, self.log, f"stream {stream_id}")
         del payload  # the reply may take a while to send; the request is done with
         await self._send_reply(stream_id, reply)
 
