@@ -112,13 +112,18 @@ def test_absurd_weight_and_unclipped_update_are_contained(tmp_path: Path) -> Non
     print(f"\nmalicious client: {seen}; ledger outcomes {[e['outcome'] for e in entries]}")
 
 
-def test_a_lane_invalid_packed_update_does_not_burn_the_round(tmp_path: Path) -> None:
+@pytest.mark.parametrize("masked", [True, False])
+def test_a_lane_invalid_packed_update_does_not_burn_the_round(tmp_path: Path, masked: bool) -> None:
     """Packed preset: mallory uploads a correctly signed update whose slots are not a
-    valid lane packing (half-integers). The key holder's lane check fails after
-    decryption: the refusal is recorded and charged, nothing is released, the round is
-    re-opened and the honest retry released; the run ends well (it used to be burnt)."""
+    valid lane packing (half-integers); with masks on (the default) it even takes part
+    in the cohort (its key published, the cohort's claim signed) but adds no mask. The
+    key holder's lane check fails after decryption: the refusal is recorded and charged,
+    nothing is released, the round is re-opened and the honest retry released (masked:
+    the retry's cohort is fixed at the deadline without mallory); the run ends well."""
     from secure_xfl.crypto.codec import encrypt_slots
+    from secure_xfl.crypto.cohort import MaskClaim
     from secure_xfl.crypto.envelope import UpdateStatement, ciphertext_digest
+    from secure_xfl.crypto.masking import MaskKeyPair, SignedMaskKey, cohort_digest
 
     root = live.provision_run(
         tmp_path,
@@ -127,7 +132,7 @@ def test_a_lane_invalid_packed_update_does_not_burn_the_round(tmp_path: Path) ->
         min_clients=K,
         timeout_s=15.0,
         federation={"preset": "xfl-packed"},
-        privacy={"noise_multiplier": SIGMA, "clip_norm": CLIP},
+        privacy={"noise_multiplier": SIGMA, "clip_norm": CLIP, "masking": masked},
     )
     mallory = Kit.load(root / "client-mallory")
     preset = get_preset("xfl-packed")
@@ -138,9 +143,31 @@ def test_a_lane_invalid_packed_update_does_not_burn_the_round(tmp_path: Path) ->
         async def attack() -> str:
             async with live.connect(mallory, "aggregator", port) as m:
                 out = await live.call(m, messages.encode("task", after=-1))
-                plan = RoundPlan.from_wire(messages.decode(out.body)["plan"])
+                offer = messages.decode(out.body)
+                plan = RoundPlan.from_wire(offer["plan"])
                 quant = plan.quant
-                assert quant is not None
+                assert quant is not None and plan.masked is masked
+                claim = None
+                if masked:  # take part in the cohort like an honest client, then cheat
+                    epoch = offer["epoch"]
+                    key = MaskKeyPair.generate().sign(
+                        run=plan.run, round=0, attempt=epoch, client="mallory",
+                        signing_key=mallory.tls.private_key,
+                    )  # fmt: skip
+                    ack = await live.call(m, messages.encode("mask_key", round=0, epoch=epoch,
+                                                             key=key.to_wire()))  # fmt: skip
+                    assert ack.code == "ok", ack
+                    for c in live.HONEST:
+                        fed.start_client(c)
+                    while True:
+                        got = messages.decode((await live.call(
+                            m, messages.encode("cohort", round=0, epoch=epoch))).body)  # fmt: skip
+                        if got["t"] == "members":
+                            break
+                        await asyncio.sleep(0.1)
+                    keys = [SignedMaskKey.from_wire(e[0]) for e in got["members"]]
+                    names = tuple(sorted(k.client for k in keys))
+                    claim = MaskClaim(epoch, names, cohort_digest(keys))
                 n_slots = quant.chunk_slots(NUMEL, preset.slots)
                 chunks = encrypt_slots(
                     mallory.public_context(),
@@ -152,13 +179,14 @@ def test_a_lane_invalid_packed_update_does_not_burn_the_round(tmp_path: Path) ->
                     preset=preset.name, numel=NUMEL, weight=0.5, weighting="client",
                     ciphertext_digest=ciphertext_digest(chunks), loss=None, quant=quant,
                     plan_digest=plan.digest, base_round=0, base_model_digest=plan.model_digest,
-                    dp=client_policy(mallory).dp,
+                    dp=client_policy(mallory).dp, mask=claim,
                 )  # fmt: skip
                 sig = pki.sign(mallory.tls.private_key, st.signing_bytes())
                 blob = ProtectedUpdate(SignedStatement(st, sig), tuple(chunks)).encode()
                 code = (await live.call(m, messages.encode("upload", round=0, update=blob))).code
-                for c in live.HONEST:
-                    fed.start_client(c)
+                if not masked:
+                    for c in live.HONEST:
+                        fed.start_client(c)
                 await live.hear_done(m, after=0)
                 return code
 
