@@ -25,13 +25,25 @@ CLI = [sys.executable, "-m", "secure_xfl.cli"]
 NO_RECORD_DP: dict[str, object] = {"allow_no_dp": True, "record": {"enabled": False}}
 
 
+#: ``SECURE_XFL_TEST_TRANSPORT=tls`` (or ``quic``, ``auto``) runs every multi-process
+#: federation over that transport (``[transport] protocol`` of every kit), so the whole
+#: integration and security suites can be run over TLS/TCP:
+#: ``SECURE_XFL_TEST_TRANSPORT=tls .venv/bin/python -m pytest tests/integration tests/security``.
+TEST_TRANSPORT = os.environ.get("SECURE_XFL_TEST_TRANSPORT", "")
+
+
 def provision(tmp: Path, clients: Sequence[str], **sections: dict[str, object]) -> Path:
     """`secure-xfl provision` with a config overriding the given sections (privacy
-    defaults to :data:`NO_RECORD_DP` underneath whatever the test sets)."""
+    defaults to :data:`NO_RECORD_DP` underneath whatever the test sets; the transport
+    protocol to :data:`TEST_TRANSPORT` when set)."""
     privacy = dict(sections.get("privacy", {}))
     if "record" in privacy:
         privacy["record"] = {**NO_RECORD_DP["record"], **privacy["record"]}  # type: ignore[dict-item]
     sections = {**sections, "privacy": {**NO_RECORD_DP, **privacy}}
+    if TEST_TRANSPORT:
+        transport = dict(sections.get("transport", {}))
+        transport.setdefault("protocol", TEST_TRANSPORT)
+        sections["transport"] = transport
     cfg = tmp / "base.toml"
     cfg.write_text(tomli_w.dumps(sections))
     out = tmp / "fed"

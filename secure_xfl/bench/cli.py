@@ -13,7 +13,7 @@ from typing import Any
 
 from secure_xfl.bench.report import Row, markdown, write_json
 
-SECTIONS = ("crypto", "transport", "round", "training", "loadtest", "he", "masking")
+SECTIONS = ("crypto", "transport", "round", "training", "loadtest", "he", "masking", "wan")
 #: What runs without --sections: the load test takes minutes at 200 clients, so it is
 #: asked for by name (``--sections loadtest``). ``he`` (every HE system side by side,
 #: masked cohorts of 3 and 8, 1M params, one core) takes ~25-40 s, so it runs by default.
@@ -49,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         "--sections",
         default=",".join(DEFAULT_SECTIONS),
         help=f"comma-separated subset of {','.join(SECTIONS)} (default "
-        f"{','.join(DEFAULT_SECTIONS)}; loadtest and masking take minutes: ask for them by "
-        "name)",
+        f"{','.join(DEFAULT_SECTIONS)}; loadtest, masking and wan take minutes: ask for "
+        "them by name; wan needs root)",
     )
     p.add_argument("--numel", type=int, help="crypto update size (default 262144; quick 12288)")
     p.add_argument("--clients", help="ingest cohort sizes, e.g. 3,10,50")
@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         rows += training_rows(training)
+    if "wan" in sections:  # needs root and network namespaces; skips with the reason
+        from secure_xfl.bench.wan import bench_rows as wan_rows
+
+        rows += wan_rows(2, timeout_s=60) if args.quick else wan_rows()
     if "masking" in sections:
         from secure_xfl.bench.loadtest import masking_rows
 

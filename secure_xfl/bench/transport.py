@@ -34,8 +34,9 @@ from aioquic.quic.configuration import QuicConfiguration
 from secure_xfl.bench.report import Row, markdown, row
 from secure_xfl.crypto import pem, pki
 from secure_xfl.transport import RpcClient, RpcServer, TlsIdentity, TransportConfig
+from secure_xfl.transport.tcp import TlsRpcClient
 
-__all__ = ["plain_quic_goodput", "quic_goodput", "run", "tls_tcp_goodput"]
+__all__ = ["ours_tls_goodput", "plain_quic_goodput", "quic_goodput", "run", "tls_tcp_goodput"]
 
 _FED = "bench"
 _CHUNK = 1 << 20
@@ -189,13 +190,23 @@ def _with_receiver(target: Any, args: tuple[Any, ...], upload: Any) -> float:
 
 def quic_goodput(payload_bytes: int, max_datagram_size: int) -> float:
     """MB/s of one ``payload_bytes`` upload over secure-xfl mTLS QUIC on loopback."""
+    return _ours_goodput(payload_bytes, max_datagram_size, RpcClient)
+
+
+def ours_tls_goodput(payload_bytes: int) -> float:
+    """MB/s of one ``payload_bytes`` upload over secure-xfl's TLS/TCP transport (the same
+    server process, its TCP endpoint: the same framing, limits and peer checks)."""
+    return _ours_goodput(payload_bytes, 1452, TlsRpcClient)
+
+
+def _ours_goodput(payload_bytes: int, max_datagram_size: int, client_cls: Any) -> float:
     payload = bytes(payload_bytes)
     with tempfile.TemporaryDirectory() as tmp:
         _provision(Path(tmp))
 
         async def upload(port: int) -> float:
             config = TransportConfig(max_datagram_size=max_datagram_size, stream_timeout_s=120)
-            async with RpcClient(
+            async with client_cls(
                 tls=_tls(Path(tmp), "client"),
                 server_role="aggregator",
                 host="127.0.0.1",
@@ -206,7 +217,7 @@ def quic_goodput(payload_bytes: int, max_datagram_size: int) -> float:
                 reply = await client.call(payload)
                 elapsed = time.perf_counter() - start
             assert int.from_bytes(reply, "big") == payload_bytes
-            return payload_bytes / elapsed / 1e6
+            return float(payload_bytes / elapsed / 1e6)
 
         return _with_receiver(_quic_receiver, (tmp, max_datagram_size), upload)
 
@@ -268,7 +279,10 @@ def run(
     """Per datagram size: QUIC goodput vs TLS/TCP and (``plain``) vs plain aioquic."""
     payload_bytes = payload_mb * 1_000_000
     baseline = tls_tcp_goodput(payload_bytes)
-    rows: list[Row] = []
+    rows: list[Row] = [
+        row(f"upload goodput, {payload_mb} MB [secure-xfl TLS/TCP vs TLS/TCP]", "MB/s",
+            ours_tls_goodput(payload_bytes), baseline),
+    ]  # fmt: skip
     for size in datagram_sizes:
         ours = quic_goodput(payload_bytes, size)
         name = f"upload goodput, {payload_mb} MB, datagram {size} B"

@@ -420,6 +420,7 @@ async def serve_aggregator(
         handler=service.handle,
         config=kit.config.transport,
         limits=request_limits(service.core),
+        parallel_types=("upload",),
     )
     host, port = parse_address(listen)
     bound = await server.start(host, port)

@@ -12,11 +12,12 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any
+from typing import Any, Literal
 
 from secure_xfl.errors import ConfigError, TransportError
 from secure_xfl.protocol import messages
 from secure_xfl.transport.config import TlsIdentity, TransportConfig
+from secure_xfl.transport.dial import Client, dial
 from secure_xfl.transport.errors import (
     CallTimeout,
     ConnectionClosed,
@@ -27,7 +28,8 @@ from secure_xfl.transport.errors import (
     StreamReset,
     StreamTimeout,
 )
-from secure_xfl.transport.rpc import RpcClient
+from secure_xfl.transport.parts import parallel_call
+from secure_xfl.transport.tcp import TlsRpcClient
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +274,8 @@ class Peer:
         self.config = config
         self.max_wait_s = config.connect_deadline_s if max_wait_s is None else max_wait_s
         self._clock, self._sleep, self._jitter = clock, sleep, jitter
-        self._client: RpcClient | None = None
+        self._client: Client | None = None
+        self._prefer: Literal["tls", "quic"] | None = None
         self.connections = 0
         """Connections established so far (a reconnect increments it)."""
 
@@ -285,18 +288,13 @@ class Peer:
         """A fresh retry schedule for one call."""
         return Backoff(self.max_wait_s, clock=self._clock, sleep=self._sleep, jitter=self._jitter)
 
-    def _new_client(self) -> RpcClient:
-        return RpcClient(
-            tls=self.tls, server_role=self.role, host=self.host, port=self.port, config=self.config
-        )
-
-    async def _connect(self, backoff: Backoff) -> RpcClient:
-        client = self._new_client()
-        try:
-            await client.connect(timeout=max(0.1, backoff.remaining()))
-        except BaseException:
-            await client.close()
-            raise
+    async def _connect(self, backoff: Backoff) -> Client:
+        client = await dial(tls=self.tls, server_role=self.role, host=self.host,
+                            port=self.port, config=self.config,
+                            timeout=max(0.1, backoff.remaining()), prefer=self._prefer)  # fmt: skip
+        if self.config.protocol == "auto":
+            # Reconnects go straight to what worked (no waiting for the other again).
+            self._prefer = "tls" if isinstance(client, TlsRpcClient) else "quic"
         return client
 
     async def call(
@@ -309,6 +307,11 @@ class Peer:
     ) -> dict[str, Any]:
         """Send one message (connecting first if needed); return the decoded reply."""
         payload = messages.encode(msg_type, **fields)
+        cfg = self.config
+        if cfg.upload_workers > 1 and len(payload) >= cfg.parallel_min_bytes:
+            reply = await self._parallel(payload)
+            if reply is not None:
+                return messages.decode(reply, expect=expect)
         backoff = self.backoff()
         while True:
             try:
@@ -337,6 +340,28 @@ class Peer:
                 await backoff.wait(self.label, exc)
             else:
                 return messages.decode(reply, expect=expect)
+
+    async def _parallel(self, payload: bytes) -> bytes | None:
+        """``payload`` in parts over ``upload_workers`` connections; None when that failed
+        for a transport reason (the caller then sends it over one connection)."""
+        tls = (self._prefer or self.config.protocol) == "tls" or (
+            self._prefer is None and self.config.protocol == "auto" and self.config.prefer == "tls"
+        )
+        try:
+            return await parallel_call(tls=self.tls, server_role=self.role, host=self.host,
+                                       port=self.port, config=self.config, payload=payload,
+                                       workers=self.config.upload_workers,
+                                       protocol="tls" if tls else "quic")  # fmt: skip
+        except RemoteError as exc:
+            if exc.code != "busy":
+                raise
+            log.warning("%s is too busy for a parallel request: sending it over one "
+                        "connection", self.label)  # fmt: skip
+            return None
+        except (TransportError, OSError) as exc:
+            log.warning("parallel request to %s failed (%s): sending it over one connection",
+                        self.label, exc)  # fmt: skip
+            return None
 
     async def close(self) -> None:
         """Drop the connection (a later call reconnects)."""

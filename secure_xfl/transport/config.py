@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -107,6 +108,26 @@ class TransportConfig:
     """UDP socket receive/send buffer requested (the kernel caps it at
     net.core.rmem_max / wmem_max). Larger buffers absorb bursts instead of dropping
     datagrams, each drop costing a congestion-window cut and a loss recovery."""
+    protocol: Literal["quic", "tls", "auto"] = "auto"
+    """How a client reaches a server: ``quic`` (mTLS QUIC over UDP), ``tls`` (TLS 1.3
+    over TCP) or ``auto`` (``prefer`` first; the other when no handshake completes
+    within ``fallback_after_s``, logged). Both carry the same RPC framing, limits and
+    peer checks; servers always listen on both, on the same port number."""
+    prefer: Literal["tls", "quic"] = "tls"
+    """``auto``: the transport tried first. TLS/TCP by measurement (BENCHMARKS.md, "WAN"):
+    it delivered 2–5× QUIC's goodput on loopback and at 50 ms RTT, and ~50× at 1 % loss
+    (aioquic's Reno), so QUIC is the fallback where TCP does not get through."""
+    fallback_after_s: float = 3.0
+    """``auto``: seconds the first transport's handshake may take before the other is
+    tried."""
+    upload_workers: int = 1
+    """Parallel QUIC: a request of at least ``parallel_min_bytes`` (an upload) is cut into
+    this many parts, each sent by its own worker process over its own connection, and
+    reassembled and verified by the server (``transport/parts.py``); aioquic's packet path
+    is GIL-bound, so this is how an upload uses several cores. 1 = off. At most
+    ``max_connections_per_peer``."""
+    parallel_min_bytes: int = 8 << 20
+    """Smallest request sent in parts when ``upload_workers`` > 1."""
 
     def __post_init__(self) -> None:
         if not 1200 <= self.max_datagram_size <= MAX_DATAGRAM_SIZE:
@@ -143,6 +164,18 @@ class TransportConfig:
             raise ConfigError("socket_buffer_bytes must not be negative")
         if self.congestion_control not in ("reno", "cubic"):
             raise ConfigError("congestion_control must be 'reno' or 'cubic'")
+        if self.protocol not in ("quic", "tls", "auto"):
+            raise ConfigError("protocol must be 'quic', 'tls' or 'auto'")
+        if self.prefer not in ("quic", "tls"):
+            raise ConfigError("prefer must be 'quic' or 'tls'")
+        if not self.fallback_after_s > 0:
+            raise ConfigError("fallback_after_s must be positive")
+        if not 1 <= self.upload_workers <= min(16, self.max_connections_per_peer):
+            raise ConfigError(
+                "upload_workers must be within [1, min(16, max_connections_per_peer)]"
+            )
+        if self.parallel_min_bytes < 1 << 16:
+            raise ConfigError("parallel_min_bytes must be at least 64 KiB")
 
 
 @dataclass(frozen=True)

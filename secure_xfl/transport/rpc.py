@@ -33,8 +33,10 @@ from secure_xfl.transport.errors import (
 )
 from secure_xfl.transport.framing import STATUS_ERROR, STATUS_OK, decode_response, encode_error
 from secure_xfl.transport.limits import BufferBudget, Limits
+from secure_xfl.transport.parts import PART_TYPE, Reassembler
 from secure_xfl.transport.server import BatchingQuicServer, ServerProtocol
 from secure_xfl.transport.streams import ERR_BUSY, ERR_CANCELLED, MessageProtocol
+from secure_xfl.transport.tcp import TlsRpcServer
 from secure_xfl.transport.udp import UdpBatcher
 
 __all__ = [
@@ -72,11 +74,15 @@ class RpcServer:
         config: TransportConfig = TransportConfig(),  # noqa: B008 - frozen, immutable
         max_message_bytes: int | None = None,
         limits: Limits | None = None,
+        parallel_types: Collection[str] = (),
     ) -> None:
         mtls.check_aioquic()
         self.tls = tls
         self.config = config
-        self.handler = handler
+        self.parallel_types = frozenset(parallel_types)
+        """Request types a client may send in parts over several connections
+        (:mod:`.parts`); the reassembled request is bounded by its own type's limit."""
+        self.handler: Handler = handler
         self.max_message_bytes = max_message_bytes or config.max_message_bytes
         self.limits = limits
         self.budget = BufferBudget(config.max_buffered_bytes)
@@ -86,9 +92,24 @@ class RpcServer:
         self._quic_config = mtls.build_quic_configuration(tls, config, is_client=False)
         self._server: QuicServer | None = None
         self._connections: set[ServerProtocol] = set()
+        if self.parallel_types:  # parts share the server-wide buffer budget
+            self.handler = Reassembler(
+                handler, limit_for=self._inner_limit, max_total=self._parallel_limit,
+                budget=self.budget, timeout_s=config.stream_timeout_s + config.idle_timeout_s,
+            )  # fmt: skip
+        self.tcp: TlsRpcServer | None = None
+        """The TLS/TCP endpoint beside the QUIC one (same port number, same checks)."""
+
+    def _inner_limit(self, msg_type: str) -> int | None:
+        return self.limit_for(msg_type) if msg_type in self.parallel_types else None
+
+    def _parallel_limit(self) -> int:
+        return max((self.limit_for(t) or 0) for t in self.parallel_types)
 
     def limit_for(self, msg_type: str) -> int | None:
         """The largest acceptable request of ``msg_type``, or None if it is refused."""
+        if msg_type == PART_TYPE:  # ≥ 2 parts: each at most half the whole, plus framing
+            return -(-self._parallel_limit() // 2) + (64 << 10) if self.parallel_types else None
         if self.limits is None:
             return self.max_message_bytes
         try:
@@ -103,6 +124,8 @@ class RpcServer:
     def reload_crl(self) -> None:
         """Re-read the CRL; new handshakes use it at once. Live connections are kept."""
         self._crl = self.tls.load_crl()
+        if self.tcp is not None:
+            self.tcp.crl = self._crl
         server_log.info("[%s] CRL reloaded", self._policy.local)
 
     def _create_protocol(self, connection: QuicConnection, **kwargs: Any) -> ServerProtocol:
@@ -115,7 +138,30 @@ class RpcServer:
         return protocol
 
     async def start(self, host: str, port: int) -> int:
-        """Listen on ``host:port`` (0 = any free port); returns the bound port."""
+        """Listen on ``host:port`` over QUIC (UDP) and TLS/TCP, the same port number on
+        both (0 = a port free on both); returns it."""
+        for attempt in range(8 if port == 0 else 1):
+            bound = await self._start_quic(host, port)
+            tcp = TlsRpcServer(
+                tls=self.tls, allowed_roles=self._policy.allowed_roles, handler=self.handler,
+                config=self.config, max_message_bytes=self.max_message_bytes,
+                limit_for=self.limit_for, budget=self.budget, typed=self.limits is not None,
+            )  # fmt: skip
+            tcp.crl = self._crl
+            try:
+                await tcp.start(host, bound)
+            except OSError as exc:
+                await self.close()
+                if port != 0 and attempt == 0:
+                    raise TransportError(f"cannot listen on TCP {host}:{bound}: {exc}") from exc
+                continue  # the UDP port's TCP twin is taken: draw another
+            self.tcp = tcp
+            server_log.info("[%s] listening on %s:%d (QUIC/UDP and TLS/TCP)",
+                            self._policy.local, host, bound)  # fmt: skip
+            return bound
+        raise TransportError(f"no port on {host} is free for both UDP and TCP")
+
+    async def _start_quic(self, host: str, port: int) -> int:
         if self._server is not None:
             raise TransportError("server already started")
         # No session_ticket_fetcher/handler: resumption would skip client certificates.
@@ -130,12 +176,13 @@ class RpcServer:
         )
         self._server = server
         sock = self._server._transport.get_extra_info("socket")  # type: ignore[union-attr]
-        bound = int(sock.getsockname()[1])
-        server_log.info("[%s] listening on %s:%d", self._policy.local, host, bound)
-        return bound
+        return int(sock.getsockname()[1])
 
     async def close(self) -> None:
         """Close every connection and stop listening."""
+        tcp, self.tcp = self.tcp, None
+        if tcp is not None:
+            await tcp.close()
         if self._server is None:
             return
         server, self._server = self._server, None

@@ -46,11 +46,13 @@ from secure_xfl.transport.errors import (
     MessageTooLarge,
     RemoteError,
     ServerBusy,
+    StreamTimeout,
     TooManyConnections,
     TransportError,
 )
 from secure_xfl.transport.framing import answer, decode_response, encode_error
 from secure_xfl.transport.limits import PREFIX_BYTES, BufferBudget, peek_type
+from secure_xfl.transport.tlsbio import TlsStream
 
 __all__ = ["TlsRpcClient", "TlsRpcServer"]
 
@@ -100,17 +102,28 @@ def ssl_context(tls: TlsIdentity, config: TransportConfig, *, server: bool) -> s
 
 
 def _verify(
-    writer: asyncio.StreamWriter,
+    der: bytes | None,
     tls: TlsIdentity,
     roles: Collection[str],
     crl: x509.CertificateRevocationList | None,
 ) -> PeerIdentity:
     """The QUIC path's checks on the certificate OpenSSL accepted (``PeerRejected``)."""
-    sslobj = writer.get_extra_info("ssl_object")
-    der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
     chain = [x509.load_der_x509_certificate(der)] if der else []
     return pki.verify_peer(chain, tls.ca_certificate, crl=crl, allowed_roles=roles,
                            federation=tls.federation)  # fmt: skip
+
+
+def _alert(exc: BaseException) -> str | None:
+    """The TLS alert a refused handshake ended with (``None``: no alert, e.g. nothing
+    listening or a timeout, which a retry may cure)."""
+    if not isinstance(exc, ssl.SSLError):
+        return None
+    text = f"{exc.reason or ''} {exc}".lower()
+    if "unknown ca" in text or "unknown_ca" in text:
+        return "untrusted"
+    if "alert" in text:
+        return (exc.reason or "tls_alert").lower()
+    return None
 
 
 def _frame(*parts: bytes) -> bytes:
@@ -141,13 +154,10 @@ class TlsRpcServer:
         max_message_bytes: int,
         limit_for: Any,
         budget: BufferBudget,
+        typed: bool = True,
     ) -> None:
-        self.tls, self.roles, self.handler, self.config = (
-            tls,
-            frozenset(allowed_roles),
-            handler,
-            config,
-        )
+        self.tls, self.roles, self.handler = tls, frozenset(allowed_roles), handler
+        self.config, self.typed = config, typed
         self.max_message_bytes, self.limit_for, self.budget = max_message_bytes, limit_for, budget
         self.crl = tls.load_crl()
         self._ctx = ssl_context(tls, config, server=True)
@@ -157,10 +167,8 @@ class TlsRpcServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port``; returns the bound port."""
-        self._server = await asyncio.start_server(
-            self._connection, host, port, ssl=self._ctx,
-            ssl_handshake_timeout=self.config.handshake_timeout_s,
-        )  # fmt: skip
+        # Plain TCP: TlsStream runs TLS itself, so a refused handshake's alert is sent.
+        self._server = await asyncio.start_server(self._connection, host, port, limit=1 << 20)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
@@ -177,80 +185,94 @@ class TlsRpcServer:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        stream = TlsStream(self._ctx, reader, writer)
+        where = writer.get_extra_info("peername")
         try:
-            peer = await self._admit(writer)
+            try:
+                async with asyncio.timeout(self.config.handshake_timeout_s):
+                    await stream.handshake()
+            except ssl.SSLError as exc:
+                log.warning("refused TLS/TCP peer %s at the TLS layer: %s", where, exc)
+                return
+            peer = await self._admit(stream)
             if peer is not None:
                 try:
-                    await self._serve(peer, reader, writer)
+                    await self._serve(peer, stream)
                 finally:
                     self._peers[peer] -= 1
                     log.info("[peer=%s] disconnected (tls)", peer)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError):
             pass
         finally:
-            writer.close()
+            await stream.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
             if task is not None:
                 self._tasks.discard(task)
 
-    async def _admit(self, writer: asyncio.StreamWriter) -> PeerIdentity | None:
+    async def _admit(self, stream: TlsStream) -> PeerIdentity | None:
         try:
-            peer = _verify(writer, self.tls, self.roles, self.crl)
+            peer = _verify(stream.peer_certificate(), self.tls, self.roles, self.crl)
         except pki.PeerRejected as exc:
             log.warning("refused TLS/TCP peer: %s", exc)
-            await self._send(writer, encode_error("peer_rejected",
+            await self._send(stream, encode_error("peer_rejected",
                                                   f"peer certificate refused: {exc.reason}",
                                                   exc.reason))  # fmt: skip
             return None
         if self._peers.get(peer, 0) >= self.config.max_connections_per_peer:
             log.warning("[peer=%s] connection refused: max_connections_per_peer", peer)
             await self._send(
-                writer, encode_error("too_many_connections", "too many connections from this peer")
+                stream, encode_error("too_many_connections", "too many connections from this peer")
             )
             return None
         self._peers[peer] = self._peers.get(peer, 0) + 1
-        await self._send(writer, b"")  # accepted: the client may send requests now
+        await self._send(stream, b"")  # accepted: the client may send requests now
         log.info("[peer=%s] connected (tls)", peer)
         return peer
 
-    async def _send(self, writer: asyncio.StreamWriter, *parts: bytes) -> None:
-        writer.write(_frame(*parts))
+    async def _send(self, stream: TlsStream, *parts: bytes) -> None:
         async with asyncio.timeout(self.config.stream_timeout_s):
-            await writer.drain()
+            await stream.write(_frame(*parts))
 
-    async def _serve(
-        self, peer: PeerIdentity, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _serve(self, peer: PeerIdentity, stream: TlsStream) -> None:
         cfg = self.config
         while True:
             try:
                 async with asyncio.timeout(cfg.idle_timeout_s):
-                    head = await reader.readexactly(_HEADER)
+                    head = await stream.read_exactly(_HEADER)
             except asyncio.IncompleteReadError:
                 return  # the client closed between requests
             n = int.from_bytes(head, "big")
+            exc: TransportError | None
             try:
-                payload = await self._request(reader, n)
-            except TransportError as exc:
+                payload = await self._request(stream, n)
+            except TimeoutError:
+                exc = StreamTimeout(f"request of {n} bytes slower than the minimum rate")
+            except TransportError as refused:
+                exc = refused
+            else:
+                exc = None
+            if exc is not None:
                 log.warning("[peer=%s] request refused: %s (%s); closing", peer, exc, exc.code)
-                await self._send(writer, encode_error(exc.code, str(exc)))
+                await self._send(stream, encode_error(exc.code, str(exc)))
                 return
             try:
                 reply = await answer(self.handler, peer, payload, log, "a TLS/TCP request")
             finally:
                 self.budget.resize(n, 0)
             del payload
-            await self._send(writer, *reply)
+            await self._send(stream, *reply)
 
-    async def _request(self, reader: asyncio.StreamReader, n: int) -> bytes:
+    async def _request(self, stream: TlsStream, n: int) -> bytes:
         """Read one request of declared length ``n`` within its type's bounds."""
         if n > self.max_message_bytes:
             raise MessageTooLarge(f"request of {n} bytes exceeds {self.max_message_bytes}")
-        deadline = self.config.stream_timeout_s + n / self.config.min_request_rate_bytes_s
+        rate = self.config.min_request_rate_bytes_s
+        deadline = self.config.stream_timeout_s + n / rate if rate > 0 else None
         async with asyncio.timeout(deadline):
-            prefix = await reader.readexactly(min(n, PREFIX_BYTES))
-            msg_type = peek_type(prefix, final=True)
+            prefix = await stream.read_exactly(min(n, PREFIX_BYTES))
+            # Untyped servers (no per-type limits) take any bytes up to the maximum.
+            msg_type = peek_type(prefix, final=True) if self.typed else ""
             limit = None if msg_type is None else self.limit_for(msg_type)
             if limit is None:
                 raise MalformedRequest(f"message type {msg_type!r} is not accepted here")
@@ -259,7 +281,7 @@ class TlsRpcServer:
             if not self.budget.resize(0, n, ceiling=limit):
                 raise ServerBusy("server buffer budget exhausted; retry later")
             try:
-                rest = await reader.readexactly(n - len(prefix))
+                rest = await stream.read_exactly(n - len(prefix))
             except BaseException:
                 self.budget.resize(n, 0)
                 raise
@@ -308,8 +330,10 @@ class TlsRpcClient:
                     server_hostname=self.host, ssl_handshake_timeout=limit,
                 )  # fmt: skip
                 self._reader, self._writer = reader, writer
+                sslobj = writer.get_extra_info("ssl_object")
+                der = None if sslobj is None else sslobj.getpeercert(binary_form=True)
                 try:
-                    identity = _verify(writer, self.tls, [self.server_role], self.tls.load_crl())
+                    identity = _verify(der, self.tls, [self.server_role], self.tls.load_crl())
                 except pki.PeerRejected as exc:
                     raise HandshakeFailed(f"server certificate refused: {exc.reason}",
                                           refusal=exc.reason) from exc  # fmt: skip
@@ -328,7 +352,7 @@ class TlsRpcClient:
                 asyncio.IncompleteReadError) as exc:  # fmt: skip
             await self.close()
             text = str(exc) or type(exc).__name__
-            refusal = "untrusted" if "unknown ca" in text.lower() else None
+            refusal = _alert(exc)
             log.warning("[peer=%s] TLS/TCP handshake failed: %s", where, text)
             raise HandshakeFailed(f"{where}: {text}", refusal=refusal) from None
         except HandshakeFailed:

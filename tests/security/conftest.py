@@ -1,4 +1,10 @@
-"""Shared fixtures for the transport security tests: a federation PKI and a server."""
+"""Shared fixtures for the transport security tests: a federation PKI and a server.
+
+A test that takes the ``transport`` fixture runs once per transport ("quic": RpcClient
+over QUIC/UDP, "tls": TlsRpcClient over TLS 1.3/TCP); its ``h`` then dials with that
+transport. RpcServer listens on both, on the same port number, so the server side is
+the same object either way.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +21,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from secure_xfl.crypto import pki
 from secure_xfl.transport import RpcClient, RpcServer, TlsIdentity, TransportConfig
+from secure_xfl.transport.tcp import TlsRpcClient
 
 FEDERATION = "fed-test"
 FAST = TransportConfig(handshake_timeout_s=3.0, idle_timeout_s=10.0, stream_timeout_s=3.0)
+TRANSPORTS = ("quic", "tls")
 
 
 @dataclass
@@ -97,11 +105,24 @@ async def with_server(
     return handler
 
 
-async def honest_call(client_tls: TlsIdentity, port: int, server_role: str = "aggregator") -> None:
+def client_for(
+    transport: str,
+    tls: TlsIdentity,
+    port: int,
+    server_role: str = "aggregator",
+    config: TransportConfig = FAST,
+) -> RpcClient | TlsRpcClient:
+    """The client of ``transport`` (same constructor arguments on both)."""
+    cls = TlsRpcClient if transport == "tls" else RpcClient
+    assert transport in TRANSPORTS, transport
+    return cls(tls=tls, server_role=server_role, host="127.0.0.1", port=port, config=config)
+
+
+async def honest_call(
+    client_tls: TlsIdentity, port: int, server_role: str = "aggregator", transport: str = "quic"
+) -> None:
     """An honest client succeeds: the server kept serving after a refusal."""
-    async with RpcClient(
-        tls=client_tls, server_role=server_role, host="127.0.0.1", port=port, config=FAST
-    ) as client:
+    async with client_for(transport, client_tls, port, server_role) as client:
         assert await client.call(b"ping", timeout=5) == b"ping"
 
 
@@ -110,16 +131,44 @@ def run(coro: Awaitable[Any]) -> Any:
 
 
 class Harness:
-    """Helpers handed to tests through the ``h`` fixture (conftest is not importable)."""
+    """Helpers handed to tests through the ``h`` fixture (conftest is not importable),
+    bound to one transport: the test's ``transport`` parameter, else QUIC."""
 
     FAST = FAST
     CountingHandler = CountingHandler
     utcnow = staticmethod(utcnow)
     with_server = staticmethod(with_server)
-    honest_call = staticmethod(honest_call)
     run = staticmethod(run)
+
+    def __init__(self, transport: str = "quic") -> None:
+        self.transport = transport
+
+    def client(
+        self, tls: TlsIdentity, port: int, server_role: str = "aggregator"
+    ) -> RpcClient | TlsRpcClient:
+        """A client of this harness's transport."""
+        return client_for(self.transport, tls, port, server_role)
+
+    async def honest_call(
+        self,
+        client_tls: TlsIdentity,
+        port: int,
+        server_role: str = "aggregator",
+        transport: str | None = None,
+    ) -> None:
+        """An honest client of this transport (or ``transport``) is served."""
+        await honest_call(client_tls, port, server_role, transport or self.transport)
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Run the test once over QUIC/UDP and once over TLS/TCP."""
+    return str(request.param)
 
 
 @pytest.fixture
-def h() -> type[Harness]:
-    return Harness
+def h(request: pytest.FixtureRequest) -> Harness:
+    """The harness, dialing with the test's ``transport`` if it takes one (else QUIC)."""
+    if "transport" in request.fixturenames:
+        return Harness(str(request.getfixturevalue("transport")))
+    return Harness()

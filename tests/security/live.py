@@ -35,6 +35,7 @@ from secure_xfl.services.client import client_policy
 from secure_xfl.training.trainer import RandomTrainer
 from secure_xfl.transport.errors import RemoteError
 from secure_xfl.transport.rpc import RpcClient
+from secure_xfl.transport.tcp import TlsRpcClient
 from tests.federation import provision
 
 HONEST = ("alpha", "beta", "gamma")
@@ -202,7 +203,7 @@ class Outcome:
         return self.code == "ok"
 
 
-async def call(client: RpcClient, payload: bytes, timeout: float = 30.0) -> Outcome:
+async def call(client: RpcClient | TlsRpcClient, payload: bytes, timeout: float = 30.0) -> Outcome:
     """One request on an open connection; typed errors become an :class:`Outcome`."""
     try:
         return Outcome("ok", await client.call(payload, timeout=timeout))
@@ -212,7 +213,7 @@ async def call(client: RpcClient, payload: bytes, timeout: float = 30.0) -> Outc
         return Outcome(exc.code, message=str(exc))
 
 
-async def hear_done(client: RpcClient, after: int, attempt: int = 1 << 20) -> None:
+async def hear_done(client: RpcClient | TlsRpcClient, after: int, attempt: int = 1 << 20) -> None:
     """Poll ``task`` like a client that will not upload again until the run is over, so
     the aggregator need not linger waiting for this peer to hear ``done``."""
     while True:
@@ -222,9 +223,11 @@ async def hear_done(client: RpcClient, after: int, attempt: int = 1 << 20) -> No
         await asyncio.sleep(0.5)
 
 
-def connect(kit: Kit, server_role: str, port: int) -> RpcClient:
-    """An RpcClient with the kit's real certificate (use as ``async with``)."""
-    return RpcClient(
+def connect(kit: Kit, server_role: str, port: int) -> RpcClient | TlsRpcClient:
+    """A client with the kit's real certificate over the kit's transport (TLS/TCP when
+    its ``protocol`` is ``tls``, else QUIC; use as ``async with``)."""
+    cls = TlsRpcClient if kit.config.transport.protocol == "tls" else RpcClient
+    return cls(
         tls=kit.tls,
         server_role=server_role,
         host="127.0.0.1",

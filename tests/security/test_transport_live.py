@@ -9,6 +9,12 @@ Here the servers are real ``secure-xfl keyholder`` / ``aggregator`` processes an
 clients real ``secure-xfl client`` processes, all provisioned by the real CLI. After
 the refusals the honest clients finish a round through the same processes and the
 released aggregate is exact: the refusals cost nothing that had been accepted.
+
+Each test runs over both transports (``transport``: the kits' ``[transport] protocol``
+is "quic" or "tls", so the real processes dial and the probes connect over it; the
+servers listen on both anyway). Nothing here is QUIC-specific: the peer checks, the
+client's refusal of a bad server and revocation on a live connection are promised on
+every transport, so nothing is skipped.
 """
 
 from __future__ import annotations
@@ -27,10 +33,16 @@ from secure_xfl.crypto import pem, pki
 from secure_xfl.kit import Kit
 from secure_xfl.protocol import messages
 from secure_xfl.services.client import EXIT_PERMANENT
-from secure_xfl.transport import HandshakeFailed, RpcClient, RpcServer, TlsIdentity
+from secure_xfl.transport import HandshakeFailed, RemoteError, RpcClient, RpcServer, TlsIdentity
+from secure_xfl.transport.framing import decode_response
+from secure_xfl.transport.tcp import TlsRpcClient
 from tests.federation import CLI, Federation, federation
 from tests.security import live
-from tests.security.test_mtls import ALERT_CERTIFICATE_REQUIRED, _raw_client_attempt
+from tests.security.test_mtls import (
+    ALERT_CERTIFICATE_REQUIRED,
+    _raw_client_attempt,
+    _raw_tls_without_certificate,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -38,15 +50,21 @@ NUMEL = 1000
 CLIENTS = (*live.HONEST, "mallory")
 
 
+def _client(transport: str, tls: TlsIdentity, role: str, port: int, kit: Kit) -> Any:
+    """RpcClient (QUIC) or TlsRpcClient (TLS/TCP) with ``tls``, the kit's settings."""
+    cls = TlsRpcClient if transport == "tls" else RpcClient
+    return cls(tls=tls, server_role=role, host="127.0.0.1", port=port, config=kit.config.transport)
+
+
 async def _handshake(tls: TlsIdentity, role: str, port: int, kit: Kit) -> str:
-    """Connect and say hello; 'served' or the reason the handshake was refused."""
-    client = RpcClient(
-        tls=tls, server_role=role, host="127.0.0.1", port=port, config=kit.config.transport
-    )
+    """Connect over the kit's protocol and say hello; 'served' or 'refused(<refusal>):
+    <why>'."""
+    transport = kit.config.transport.protocol
+    client = _client(transport, tls, role, port, kit)
     try:
         await client.connect()
     except HandshakeFailed as exc:
-        return f"refused: {exc}"
+        return f"refused({exc.refusal}): {exc}"
     try:
         out = await live.call(
             client, messages.encode("hello" if role == "aggregator" else "status")
@@ -54,6 +72,18 @@ async def _handshake(tls: TlsIdentity, role: str, port: int, kit: Kit) -> str:
         return "served" if out.ok else f"error {out.code}"
     finally:
         await client.close()
+
+
+async def _no_certificate(transport: str, port: int, ca_pem: bytes) -> str:
+    """A stock client without a certificate: how the server refused it."""
+    if transport == "quic":
+        code = await _raw_client_attempt(port, ca_pem)
+        return "refused: certificate_required" if code == ALERT_CERTIFICATE_REQUIRED else str(code)
+    try:
+        decode_response(await _raw_tls_without_certificate(port, ca_pem))
+    except RemoteError as exc:
+        return f"refused({exc.reason}): {exc}"
+    return "served"
 
 
 def _identity_from_ca(root: Path, role: str, name: str, **issue: Any) -> TlsIdentity:
@@ -96,7 +126,9 @@ def _run_honest_round(fed: Federation, root: Path) -> None:
     assert np.abs(got - want).max() <= live.error_bound(3, total)
 
 
-def test_real_servers_refuse_bad_certificates_and_keep_serving(tmp_path: Path) -> None:
+def test_real_servers_refuse_bad_certificates_and_keep_serving(
+    tmp_path: Path, transport: str
+) -> None:
     """§2 mTLS promise at the real key-holder and aggregator processes: a client
     certificate calling the key holder, an aggregator or key-holder certificate calling
     the aggregator (wrong role), no certificate, an impostor CA, an expired and a
@@ -105,7 +137,9 @@ def test_real_servers_refuse_bad_certificates_and_keep_serving(tmp_path: Path) -
     round and the aggregate is exact."""
     # The revoked client stays counted as enrolled by the running aggregator (see
     # test_revocation_applies_to_live_connections), so the round closes at its deadline.
-    root = live.provision_run(tmp_path, CLIENTS, min_clients=3, timeout_s=20.0)
+    root = live.provision_run(
+        tmp_path, CLIENTS, min_clients=3, timeout_s=20.0, transport={"protocol": transport}
+    )
     kits = {c: Kit.load(root / f"client-{c}") for c in CLIENTS}
     agg_kit, kh_kit = Kit.load(root / "aggregator"), Kit.load(root / "keyholder")
     now = dt.datetime.now(dt.UTC)
@@ -158,14 +192,9 @@ def test_real_servers_refuse_bad_certificates_and_keep_serving(tmp_path: Path) -
                 ),
                 "mallory_before_revocation": await _handshake(m.tls, "aggregator", agg_port, m),
             }
-            code = await _raw_client_attempt(agg_port, (root / "ca" / "ca.pem").read_bytes())
-            out["no_certificate_at_aggregator"] = (
-                "refused: certificate_required" if code == ALERT_CERTIFICATE_REQUIRED else str(code)
-            )
-            code = await _raw_client_attempt(kh_port, (root / "ca" / "ca.pem").read_bytes())
-            out["no_certificate_at_keyholder"] = (
-                "refused: certificate_required" if code == ALERT_CERTIFICATE_REQUIRED else str(code)
-            )
+            ca_pem = (root / "ca" / "ca.pem").read_bytes()
+            out["no_certificate_at_aggregator"] = await _no_certificate(transport, agg_port, ca_pem)
+            out["no_certificate_at_keyholder"] = await _no_certificate(transport, kh_port, ca_pem)
             return out
 
         seen = live.run(probe())
@@ -180,6 +209,18 @@ def test_real_servers_refuse_bad_certificates_and_keep_serving(tmp_path: Path) -
             "aggregator_cert_at_aggregator",
         ):
             assert "wrong_role" in seen[k] or "0x131" in seen[k], seen[k]
+        if transport == "tls":  # TLS/TCP names every refusal exactly
+            assert {k: v.split(")")[0] for k, v in refused.items()} == {
+                "client_calls_keyholder": "refused(wrong_role",
+                "keyholder_cert_at_aggregator": "refused(wrong_role",
+                "aggregator_cert_at_aggregator": "refused(wrong_role",
+                "impostor_ca_at_aggregator": "refused(untrusted",
+                "impostor_ca_at_keyholder": "refused(untrusted",
+                "expired_at_aggregator": "refused(expired",
+                "not_yet_valid_at_keyholder": "refused(not_yet_valid",
+                "no_certificate_at_aggregator": "refused(no_certificate",
+                "no_certificate_at_keyholder": "refused(no_certificate",
+            }, seen
 
         # Revoke mallory while the aggregator runs: it reloads the CRL (watch_crl) and
         # refuses her next handshake without a restart.
@@ -249,12 +290,12 @@ async def _impostor_server(tls: TlsIdentity, root: Path, client: str) -> tuple[i
     return handler.calls, log.read_text()
 
 
-def test_real_client_refuses_impostor_aggregators(tmp_path: Path) -> None:
+def test_real_client_refuses_impostor_aggregators(tmp_path: Path, transport: str) -> None:
     """§2 "mutually authenticated" in the client's direction: a real client process
     refuses a server holding a valid *client* certificate of the run posing as the
     aggregator (wrong role), and a server whose certificate comes from another CA; it
     never sends a request to either (the impostor's handler is never called)."""
-    root = live.provision_run(tmp_path, CLIENTS, min_clients=3)
+    root = live.provision_run(tmp_path, CLIENTS, min_clients=3, transport={"protocol": transport})
     mallory = Kit.load(root / "client-mallory")
     calls, log = live.run(_impostor_server(mallory.tls, root, "alpha"))
     assert calls == 0
@@ -263,15 +304,20 @@ def test_real_client_refuses_impostor_aggregators(tmp_path: Path) -> None:
         _impostor_server(_foreign_identity(root, "aggregator", "main"), root, "beta")
     )
     assert calls == 0
-    assert "handshake failed" in log, log
+    if transport == "tls":
+        assert "server certificate refused: untrusted" in log, log
+    else:
+        assert "handshake failed" in log, log
     assert "local issuer" in log or "untrusted" in log, log
 
 
-def test_revocation_applies_to_live_connections(tmp_path: Path) -> None:
+def test_revocation_applies_to_live_connections(tmp_path: Path, transport: str) -> None:
     """§2 "a … revoked [certificate] is refused": a client revoked while it holds an
     open connection to the running aggregator must not get an update accepted
     afterwards, and the honest clients' round must still complete."""
-    root = live.provision_run(tmp_path, CLIENTS, min_clients=3, timeout_s=60.0)
+    root = live.provision_run(
+        tmp_path, CLIENTS, min_clients=3, timeout_s=60.0, transport={"protocol": transport}
+    )
     mallory = Kit.load(root / "client-mallory")
     model = live.zero_model(NUMEL)
     blob = live.honest_update(root, "mallory", 0, model)
@@ -280,7 +326,8 @@ def test_revocation_applies_to_live_connections(tmp_path: Path) -> None:
         port = fed.start_aggregator(f"vector:{NUMEL}")
 
         async def revoke_then_upload() -> live.Outcome:
-            async with live.connect(mallory, "aggregator", port) as conn:
+            conn = _client(transport, mallory.tls, "aggregator", port, mallory)
+            async with conn:
                 assert (await live.call(conn, messages.encode("hello"))).ok
                 subprocess.run(
                     [*CLI, "provision", "--out", str(root), "--revoke", "mallory"],
