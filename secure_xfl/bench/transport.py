@@ -162,22 +162,24 @@ def _plain_quic_receiver(directory: str, max_datagram_size: int, ports: Any, sto
     asyncio.run(main())
 
 
+async def count_upload(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The bare TLS/TCP baseline's receiver: a length, that many bytes, their count back."""
+    size = int.from_bytes(await reader.readexactly(8), "big")
+    left = size
+    while left:
+        data = await reader.read(min(left, _CHUNK))
+        if not data:
+            break
+        left -= len(data)
+    writer.write((size - left).to_bytes(8, "big"))
+    await writer.drain()
+    writer.close()
+
+
 def _tcp_receiver(directory: str, ports: Any, stop: Any) -> None:
     async def main() -> None:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            size = int.from_bytes(await reader.readexactly(8), "big")
-            left = size
-            while left:
-                data = await reader.read(min(left, _CHUNK))
-                if not data:
-                    break
-                left -= len(data)
-            writer.write((size - left).to_bytes(8, "big"))
-            await writer.drain()
-            writer.close()
-
         ctx = _ssl_context(Path(directory), "aggregator", server=True)
-        server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
+        server = await asyncio.start_server(count_upload, "127.0.0.1", 0, ssl=ctx)
         ports.put(server.sockets[0].getsockname()[1])
         await asyncio.get_running_loop().run_in_executor(None, stop.wait)
         server.close()
