@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import serve
@@ -36,7 +37,10 @@ from secure_xfl.crypto import pem, pki
 from secure_xfl.transport import RpcClient, RpcServer, TlsIdentity, TransportConfig
 from secure_xfl.transport.tcp import TlsRpcClient
 
-__all__ = ["ours_tls_goodput", "plain_quic_goodput", "quic_goodput", "run", "tls_tcp_goodput"]
+__all__ = [
+    "ours_tls_goodput", "parallel_quic_goodput", "plain_quic_goodput", "quic_goodput", "run",
+    "tls_tcp_goodput",
+]  # fmt: skip
 
 _FED = "bench"
 _CHUNK = 1 << 20
@@ -74,7 +78,9 @@ def _ssl_context(directory: Path, role: str, *, server: bool) -> ssl.SSLContext:
 # ---------------------------------------------------------------------------- receivers
 
 
-def _quic_receiver(directory: str, max_datagram_size: int, ports: Any, stop: Any) -> None:
+def _quic_receiver(
+    directory: str, max_datagram_size: int, ports: Any, stop: Any, parallel: int = 0
+) -> None:
     async def main() -> None:
         async def sink(_peer: pki.PeerIdentity, payload: bytes) -> bytes:
             return len(payload).to_bytes(8, "big")
@@ -85,12 +91,22 @@ def _quic_receiver(directory: str, max_datagram_size: int, ports: Any, stop: Any
             allowed_roles=["client"],
             handler=sink,
             config=config,
+            # Parts need typed requests: an "upload" of up to ``parallel`` bytes. Each part
+            # claims half that from the buffer budget while it arrives (the type's limit).
+            limits=(lambda t: {"upload": parallel}[t]) if parallel else None,
+            parallel_types=("upload",) if parallel else (),
         )
         ports.put(await server.start("127.0.0.1", 0))
         await asyncio.get_running_loop().run_in_executor(None, stop.wait)
         await server.close()
 
     asyncio.run(main())
+
+
+def _parallel_receiver(
+    directory: str, max_datagram_size: int, limit: int, ports: Any, stop: Any
+) -> None:
+    _quic_receiver(directory, max_datagram_size, ports, stop, parallel=limit)
 
 
 def _plain_quic_configuration(
@@ -146,22 +162,24 @@ def _plain_quic_receiver(directory: str, max_datagram_size: int, ports: Any, sto
     asyncio.run(main())
 
 
+async def count_upload(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The bare TLS/TCP baseline's receiver: a length, that many bytes, their count back."""
+    size = int.from_bytes(await reader.readexactly(8), "big")
+    left = size
+    while left:
+        data = await reader.read(min(left, _CHUNK))
+        if not data:
+            break
+        left -= len(data)
+    writer.write((size - left).to_bytes(8, "big"))
+    await writer.drain()
+    writer.close()
+
+
 def _tcp_receiver(directory: str, ports: Any, stop: Any) -> None:
     async def main() -> None:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            size = int.from_bytes(await reader.readexactly(8), "big")
-            left = size
-            while left:
-                data = await reader.read(min(left, _CHUNK))
-                if not data:
-                    break
-                left -= len(data)
-            writer.write((size - left).to_bytes(8, "big"))
-            await writer.drain()
-            writer.close()
-
         ctx = _ssl_context(Path(directory), "aggregator", server=True)
-        server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
+        server = await asyncio.start_server(count_upload, "127.0.0.1", 0, ssl=ctx)
         ports.put(server.sockets[0].getsockname()[1])
         await asyncio.get_running_loop().run_in_executor(None, stop.wait)
         server.close()
@@ -197,6 +215,30 @@ def ours_tls_goodput(payload_bytes: int) -> float:
     """MB/s of one ``payload_bytes`` upload over secure-xfl's TLS/TCP transport (the same
     server process, its TCP endpoint: the same framing, limits and peer checks)."""
     return _ours_goodput(payload_bytes, 1452, TlsRpcClient)
+
+
+def parallel_quic_goodput(payload_bytes: int, workers: int, max_datagram_size: int) -> float:
+    """MB/s of one upload cut into ``workers`` parts over as many QUIC connections from
+    worker processes (``transport/parts.py``), reassembled and verified by one server
+    process; the time includes starting the workers."""
+    from secure_xfl.transport.parts import parallel_call
+
+    payload = bytes(msgpack.packb({"t": "upload", "b": bytes(payload_bytes)}))
+    with tempfile.TemporaryDirectory() as tmp:
+        _provision(Path(tmp))
+
+        async def upload(port: int) -> float:
+            config = TransportConfig(max_datagram_size=max_datagram_size, stream_timeout_s=120)
+            start = time.perf_counter()
+            reply = await parallel_call(tls=_tls(Path(tmp), "client"), server_role="aggregator",
+                                        host="127.0.0.1", port=port, config=config,
+                                        payload=payload, workers=workers)  # fmt: skip
+            elapsed = time.perf_counter() - start
+            assert int.from_bytes(reply, "big") == len(payload)
+            return float(payload_bytes / elapsed / 1e6)
+
+        limit = len(payload) + (1 << 16)
+        return _with_receiver(_parallel_receiver, (tmp, max_datagram_size, limit), upload)
 
 
 def _ours_goodput(payload_bytes: int, max_datagram_size: int, client_cls: Any) -> float:
@@ -283,6 +325,11 @@ def run(
         row(f"upload goodput, {payload_mb} MB [secure-xfl TLS/TCP vs TLS/TCP]", "MB/s",
             ours_tls_goodput(payload_bytes), baseline),
     ]  # fmt: skip
+    single = quic_goodput(payload_bytes, 1452)
+    for workers in (2, 4):
+        rows.append(row(f"upload goodput, {payload_mb} MB, datagram 1452 B [parallel QUIC, "
+                        f"{workers} workers vs 1 connection]", "MB/s",
+                        parallel_quic_goodput(payload_bytes, workers, 1452), single))  # fmt: skip
     for size in datagram_sizes:
         ours = quic_goodput(payload_bytes, size)
         name = f"upload goodput, {payload_mb} MB, datagram {size} B"

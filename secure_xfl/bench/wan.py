@@ -42,7 +42,7 @@ from typing import Any
 import msgpack
 
 from secure_xfl.bench.report import Row, markdown, row
-from secure_xfl.bench.transport import _CHUNK, _provision, _ssl_context, _tls
+from secure_xfl.bench.transport import _CHUNK, _provision, _ssl_context, _tls, count_upload
 from secure_xfl.bench.wan_path import PathSpec, WanPath, unavailable
 from secure_xfl.crypto import pki
 from secure_xfl.transport import RpcClient, RpcServer, TransportConfig
@@ -103,21 +103,8 @@ async def _serve(kind: str, directory: Path, host: str, mds: int, timeout_s: flo
     stdin closes."""
     loop = asyncio.get_running_loop()
     if kind == "tls":
-
-        async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            size = int.from_bytes(await reader.readexactly(8), "big")
-            left = size
-            while left:
-                data = await reader.read(min(left, _CHUNK))
-                if not data:
-                    break
-                left -= len(data)
-            writer.write((size - left).to_bytes(8, "big"))
-            await writer.drain()
-            writer.close()
-
         ctx = _ssl_context(directory, "aggregator", server=True)
-        tcp = await asyncio.start_server(on_conn, host, 0, ssl=ctx)
+        tcp = await asyncio.start_server(count_upload, host, 0, ssl=ctx)
         print(tcp.sockets[0].getsockname()[1], flush=True)
         await loop.run_in_executor(None, sys.stdin.read)
         tcp.close()

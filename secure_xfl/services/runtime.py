@@ -288,10 +288,13 @@ class Peer:
         """A fresh retry schedule for one call."""
         return Backoff(self.max_wait_s, clock=self._clock, sleep=self._sleep, jitter=self._jitter)
 
+    async def _dial(self, timeout: float) -> Client:
+        """A connected client over the configured transport (closed again on failure)."""
+        return await dial(tls=self.tls, server_role=self.role, host=self.host, port=self.port,
+                          config=self.config, timeout=timeout, prefer=self._prefer)  # fmt: skip
+
     async def _connect(self, backoff: Backoff) -> Client:
-        client = await dial(tls=self.tls, server_role=self.role, host=self.host,
-                            port=self.port, config=self.config,
-                            timeout=max(0.1, backoff.remaining()), prefer=self._prefer)  # fmt: skip
+        client = await self._dial(max(0.1, backoff.remaining()))
         if self.config.protocol == "auto":
             # Reconnects go straight to what worked (no waiting for the other again).
             self._prefer = "tls" if isinstance(client, TlsRpcClient) else "quic"

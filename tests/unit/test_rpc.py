@@ -298,6 +298,8 @@ def test_a_server_replaced_on_the_same_port_is_noticed_after_peer_silence() -> N
         assert quic_server is not None
         quic_server.udp.close()  # type: ignore[attr-defined]
         quic_server._transport.abort()  # type: ignore[union-attr]
+        assert first.tcp is not None
+        await first.tcp.close()  # the whole process died: its TCP endpoint too
         await asyncio.sleep(0.05)  # abort() closes the socket on the next loop turn
         successor = server()
         await successor.start("127.0.0.1", port)

@@ -174,7 +174,17 @@ def _peer(script: list[Any], deadline: float = 3.0) -> tuple[Peer, FakeTime, lis
         sleep=t.sleep,
         jitter=lambda: 0.5,
     )
-    peer._new_client = lambda: FakeClient(script, t, log)  # type: ignore[assignment,method-assign,return-value]
+
+    async def fake_dial(timeout: float) -> FakeClient:
+        client = FakeClient(script, t, log)  # connected as dial() does, closed on failure
+        try:
+            await client.connect(timeout=timeout)
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    peer._dial = fake_dial  # type: ignore[assignment,method-assign]
     return peer, t, log
 
 
