@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 import os
+import random
 import subprocess
 
 import pytest
