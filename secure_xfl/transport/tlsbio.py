@@ -64,22 +64,26 @@ class TlsStream:
     async def read_exactly(self, n: int) -> bytes:
         """``n`` plaintext bytes; :class:`asyncio.IncompleteReadError` at the end."""
         buf = bytearray(n)
-        view, pos = memoryview(buf), 0
+        await self.read_into(memoryview(buf))
+        return bytes(buf)
+
+    async def read_into(self, view: memoryview) -> None:
+        """Fill ``view`` with plaintext (no intermediate copies of a large request)."""
+        n, pos = len(view), 0
         while pos < n:
             try:
                 got = self.obj.read(min(n - pos, _READ), view[pos:])
             except ssl.SSLWantReadError:
                 if self._in.eof:
-                    raise asyncio.IncompleteReadError(bytes(buf[:pos]), n) from None
+                    raise asyncio.IncompleteReadError(bytes(view[:pos]), n) from None
                 await self._flush()  # e.g. a key update the peer asked for
                 await self._feed()
                 continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                raise asyncio.IncompleteReadError(bytes(buf[:pos]), n) from None
+                raise asyncio.IncompleteReadError(bytes(view[:pos]), n) from None
             if not got:
-                raise asyncio.IncompleteReadError(bytes(buf[:pos]), n)
+                raise asyncio.IncompleteReadError(bytes(view[:pos]), n)
             pos += int(got)  # read(len, buffer) returns a count
-        return bytes(buf)
 
     async def write(self, data: bytes) -> None:
         """Encrypt and send ``data``."""
