@@ -80,17 +80,6 @@ def random_update(rng: np.random.Generator, numel: int, clip_norm: float) -> np.
     return rng.normal(0.0, 0.5 * clip_norm / max(1.0, numel**0.5), numel)
 
 
-def _policy(kit: Kit) -> ClientPolicy:
-    cfg = kit.config
-    return ClientPolicy(
-        run=cfg.federation.run,
-        dp=cfg.dp_spec(),
-        min_clients=cfg.federation.min_clients,
-        record=cfg.record_floor(),
-        masking=cfg.privacy.masking,
-    )
-
-
 class SimClient:
     """One simulated client: the real protocol and protection, a random update."""
 
@@ -113,7 +102,7 @@ class SimClient:
         self.peer = Peer(
             tls=kit.tls, role="aggregator", address=aggregator, config=kit.config.transport
         )
-        self.machine = ClientRound(self.name, _policy(kit))
+        self.machine = ClientRound(self.name, ClientPolicy.from_config(kit.config))
         self.masks = MaskKeys(kit, min_clients=kit.config.federation.min_clients)
         self.outcome: Done | None = None
         self._update: tuple[int, TensorLayout] | None = None

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import msgpack
 import numpy as np
 
+from secure_xfl.config import KitConfig
 from secure_xfl.crypto.dpspec import DPSpec
 from secure_xfl.crypto.errors import CodecError, EnvelopeError
 from secure_xfl.crypto.packing import QuantSpec
@@ -244,6 +245,12 @@ class ClientPolicy:
     """Weakest record-level DP-SGD the client runs (``None``: its kit asks for none)."""
     masking: bool = False
     """Refuse packed plans without pairwise masks."""
+
+    @classmethod
+    def from_config(cls, cfg: KitConfig) -> ClientPolicy:
+        """A client kit's own policy: the weakest plan it will train on."""
+        return cls(run=cfg.federation.run, dp=cfg.dp_spec(), min_clients=cfg.federation.min_clients,
+                   record=cfg.record_floor(), masking=cfg.privacy.masking)  # fmt: skip
 
     def record_for(self, plan: RoundPlan) -> RecordDPFloor | None:
         """Record-level DP-SGD to run under ``plan``: the stricter of plan and kit on

@@ -82,14 +82,7 @@ _EXPECT = {
 
 def client_policy(kit: Kit) -> ClientPolicy:
     """This kit's own privacy policy: the weakest plan it will train on."""
-    cfg = kit.config
-    return ClientPolicy(
-        run=cfg.federation.run,
-        dp=cfg.dp_spec(),
-        min_clients=cfg.federation.min_clients,
-        record=cfg.record_floor(),
-        masking=cfg.privacy.masking,
-    )
+    return ClientPolicy.from_config(kit.config)
 
 
 def silo_account(kit: Kit) -> SiloAccount:
