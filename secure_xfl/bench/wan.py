@@ -23,10 +23,6 @@ Run ``python -m secure_xfl.bench.wan [--mb 100]`` (as root) for a markdown table
 from __future__ import annotations
 
 import argparse
-import asyncio
-import importlib
-import importlib.util
-import inspect
 import json
 import select
 import shlex
@@ -37,164 +33,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import msgpack
 
 from secure_xfl.bench.report import Row, markdown, row
-from secure_xfl.bench.transport import _CHUNK, _provision, _ssl_context, _tls, count_upload
+from secure_xfl.bench.transport import _provision
+from secure_xfl.bench.wan_ends import has_ours_tls, kinds, quic_kind, upload_payload
 from secure_xfl.bench.wan_path import PathSpec, WanPath, unavailable
-from secure_xfl.crypto import pki
-from secure_xfl.transport import RpcClient, RpcServer, TransportConfig
+from secure_xfl.transport import TransportConfig
 
 __all__ = ["Measurement", "bench_rows", "has_ours_tls", "kinds", "rows_of", "run", "upload_payload"]
-
-_OURS_TLS = "secure_xfl.transport.tcp"
-
-
-def has_ours_tls() -> bool:
-    """Whether secure-xfl's own TLS/TCP transport is installed."""
-    return importlib.util.find_spec(_OURS_TLS) is not None
-
-
-def kinds(datagram_sizes: Sequence[int] | None = None) -> list[tuple[str, int]]:
-    """(transport, datagram size) pairs measured per condition; size 0 = not QUIC."""
-    default = TransportConfig().max_datagram_size
-    sizes = sorted({default, 1452} if datagram_sizes is None else set(datagram_sizes))
-    out = [("quic", s) for s in sizes] + [("quic-cubic", 1452), ("tls", 0)]
-    return out + ([("ours-tls", 0)] if has_ours_tls() else [])
-
-
-def upload_payload(size: int) -> bytes:
-    """Exactly ``size`` bytes shaped like a request (``{"t": "upload", "b": <zeros>}``),
-    since servers peek a request's type from its first bytes."""
-    overhead = len(msgpack.packb({"t": "upload", "b": bytes(1 << 16)})) - (1 << 16)
-    if size < (1 << 16) + overhead:
-        raise ValueError("the upload must be at least 64 KiB")
-    payload = msgpack.packb({"t": "upload", "b": bytes(size - overhead)})
-    assert len(payload) == size
-    return bytes(payload)
-
-
-def _classes(kind: str) -> tuple[Any, Any]:
-    if kind.startswith("quic"):
-        return RpcServer, RpcClient
-    module = importlib.import_module(_OURS_TLS)
-    return module.TlsRpcServer, module.TlsRpcClient
-
-
-def _config(kind: str, mds: int, timeout_s: float) -> TransportConfig:
-    # A lossy transfer may be slow but is never stalled: keep the stream alive.
-    stream = max(60.0, timeout_s)
-    if kind == "quic-cubic":
-        return TransportConfig(
-            max_datagram_size=mds, stream_timeout_s=stream, congestion_control="cubic"
-        )
-    if mds:
-        return TransportConfig(max_datagram_size=mds, stream_timeout_s=stream)
-    return TransportConfig(stream_timeout_s=stream)
-
-
-# ---------------------------------------------------------------------------- endpoints
-
-
-async def _serve(kind: str, directory: Path, host: str, mds: int, timeout_s: float) -> None:
-    """Receiver: print the bound port, answer each upload with its length, until
-    stdin closes."""
-    loop = asyncio.get_running_loop()
-    if kind == "tls":
-        ctx = _ssl_context(directory, "aggregator", server=True)
-        tcp = await asyncio.start_server(count_upload, host, 0, ssl=ctx)
-        print(tcp.sockets[0].getsockname()[1], flush=True)
-        await loop.run_in_executor(None, sys.stdin.read)
-        tcp.close()
-        return
-
-    async def sink(_peer: pki.PeerIdentity, payload: bytes) -> bytes:
-        return len(payload).to_bytes(8, "big")
-
-    server_cls, _ = _classes(kind)
-    args: dict[str, Any] = {
-        "tls": _tls(directory, "aggregator"),
-        "allowed_roles": ["client"],
-        "handler": sink,
-        "config": _config(kind, mds, timeout_s),
-    }
-    if "budget" in inspect.signature(server_cls).parameters:
-        # The TLS server built by RpcServer itself: it shares the QUIC server's bounds.
-        quic = RpcServer(**args)
-        args |= {"max_message_bytes": quic.max_message_bytes}
-        args |= {"limit_for": quic.limit_for, "budget": quic.budget}
-    server = server_cls(**args)
-    print(await server.start(host, 0), flush=True)
-    await loop.run_in_executor(None, sys.stdin.read)
-    await server.close()
-
-
-async def _send(
-    kind: str, directory: Path, host: str, port: int, mds: int, size: int, timeout_s: float
-) -> dict[str, Any]:
-    """Sender: one upload of ``size`` bytes, timed from the first byte written."""
-    payload = upload_payload(size)
-    if kind == "tls":
-        ctx = _ssl_context(directory, "client", server=False)
-        reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
-        start = time.perf_counter()
-
-        async def tcp_upload() -> int:
-            view = memoryview(payload)
-            writer.write(size.to_bytes(8, "big"))
-            for offset in range(0, size, _CHUNK):
-                writer.write(view[offset : offset + _CHUNK])
-                await writer.drain()
-            return int.from_bytes(await reader.readexactly(8), "big")
-
-        try:
-            got = await asyncio.wait_for(tcp_upload(), timeout_s)
-        except TimeoutError:
-            return {"timed_out": True, "elapsed_s": time.perf_counter() - start}
-        finally:
-            writer.close()
-        elapsed = time.perf_counter() - start
-    else:
-        _, client_cls = _classes(kind)
-        async with client_cls(
-            tls=_tls(directory, "client"),
-            server_role="aggregator",
-            host=host,
-            port=port,
-            config=_config(kind, mds, timeout_s),
-        ) as client:
-            start = time.perf_counter()
-            try:
-                reply = await asyncio.wait_for(client.call(payload), timeout_s)
-            except TimeoutError:
-                return {"timed_out": True, "elapsed_s": time.perf_counter() - start}
-            elapsed = time.perf_counter() - start
-        got = int.from_bytes(reply, "big")
-    if got != size:
-        raise RuntimeError(f"receiver acknowledged {got} of {size} bytes")
-    return {"timed_out": False, "elapsed_s": elapsed, "mb_s": size / elapsed / 1e6}
-
-
-def _endpoint_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m secure_xfl.bench.wan _serve|_send")
-    p.add_argument("role", choices=("_serve", "_send"))
-    p.add_argument("--kind", required=True, choices=("quic", "quic-cubic", "tls", "ours-tls"))
-    p.add_argument("--dir", type=Path, required=True)
-    p.add_argument("--host", required=True)
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--mds", type=int, default=0)
-    p.add_argument("--bytes", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=300.0)
-    a = p.parse_args(argv)
-    if a.role == "_serve":
-        asyncio.run(_serve(a.kind, a.dir, a.host, a.mds, a.timeout))
-        return 0
-    out = asyncio.run(_send(a.kind, a.dir, a.host, a.port, a.mds, a.bytes, a.timeout))
-    print(json.dumps(out), flush=True)
-    return 0
-
 
 # ---------------------------------------------------------------------------- orchestration
 
@@ -229,15 +75,14 @@ def _measure_one(
     path: WanPath, spec: PathSpec, kind: str, mds: int, size: int, directory: Path, timeout_s: float
 ) -> Measurement:
     path.impair(spec)  # a fresh forwarder: its counters are this transfer's
-    base = [sys.executable, "-m", "secure_xfl.bench.wan"]
+    base = [sys.executable, "-m", "secure_xfl.bench.wan_ends"]
     common = ["--kind", kind, "--dir", str(directory), "--mds", str(mds)]
-    common += ["--timeout", str(timeout_s)]
+    common += ["--timeout", str(timeout_s), "--bytes", str(size)]
     serve_argv = path.exec_argv(1, [*base, "_serve", *common, "--host", path.addr[1]])
     server = subprocess.Popen(serve_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         port = _readline(server, 60)
         send = [*base, "_send", *common, "--host", path.addr[1], "--port", port]
-        send += ["--bytes", str(size)]
         done = subprocess.run(
             path.exec_argv(0, send), capture_output=True, text=True, timeout=timeout_s + 120
         )
@@ -262,9 +107,10 @@ def _measure_one(
 def _label(m: Measurement) -> str:
     if m.kind.startswith("quic"):
         default = TransportConfig()
-        cc = "cubic" if m.kind == "quic-cubic" else default.congestion_control
+        cc, workers = quic_kind(m.kind)
         dflt = " (default)" if m.datagram_size == default.max_datagram_size else ""
-        return f"QUIC mTLS 1 worker, {cc}, datagram {m.datagram_size} B{dflt}"
+        many = "s in parallel" if workers > 1 else ""
+        return f"QUIC mTLS {workers} worker{many}, {cc}, datagram {m.datagram_size} B{dflt}"
     return "ours TLS/TCP" if m.kind == "ours-tls" else "asyncio TLS/TCP"
 
 
@@ -282,6 +128,7 @@ def run(
     timeout_s: float = 300.0,
     datagram_sizes: Sequence[int] | None = None,
     seed: int | None = 17,
+    only: Sequence[str] | None = None,
 ) -> list[Measurement]:
     """Every transport across every condition, in one set of namespaces (root only)."""
     size = int(mb * 1_000_000)
@@ -293,6 +140,8 @@ def run(
         _provision(Path(tmp))
         for spec in specs:
             for kind, mds in kinds(datagram_sizes):
+                if only and kind not in only and kind != "tls":  # tls: every row's baseline
+                    continue
                 out.append(_measure_one(path, spec, kind, mds, size, Path(tmp), timeout_s))
     return out
 
@@ -368,8 +217,6 @@ def _notes(measured: Sequence[Measurement]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Print the WAN table (and the per-transfer forwarder counters)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("_serve", "_send"):
-        return _endpoint_main(argv)
     p = argparse.ArgumentParser(prog="python -m secure_xfl.bench.wan", description=__doc__)
     p.add_argument("--mb", type=float, default=100, help="upload size in MB (default 100)")
     p.add_argument("--rtt-ms", type=float, default=50.0)
@@ -377,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate-mbit", type=float, default=1000.0, help="token bucket; 0 = none")
     p.add_argument("--timeout", type=float, default=300.0, help="time box per transfer, s")
     p.add_argument("--datagrams", help="QUIC datagram sizes (default: default and 1452)")
+    p.add_argument("--kinds", help="only these transports, comma-separated (e.g. quic,quic-x4)")
     a = p.parse_args(argv)
     losses = tuple(float(x) / 100 for x in a.losses.split(",") if x)
     sizes = tuple(int(d) for d in a.datagrams.split(",")) if a.datagrams else None
@@ -393,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         rate_mbit=a.rate_mbit or None,
         timeout_s=a.timeout,
         datagram_sizes=sizes,
+        only=a.kinds.split(",") if a.kinds else None,
     )
     print(markdown(rows_of(measured, a.mb, a.timeout)))
     print("\n" + _notes(measured))

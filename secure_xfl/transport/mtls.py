@@ -55,6 +55,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from secure_xfl.crypto import pki
+from secure_xfl.transport import congestion as _congestion  # noqa: F401  registers "bbr"
 from secure_xfl.transport.config import TlsIdentity, TransportConfig
 from secure_xfl.transport.errors import UnsupportedAioquic
 
