@@ -7,8 +7,9 @@ ledger), two rounds; the figure is round 1's ``seconds`` from the aggregator's
 connection set-up (round 0) are excluded.
 
 Plaintext: a bench-only RpcServer that hands out the fp32 model and sums
-fp32 updates, with three client processes over the same mTLS QUIC transport,
-the same clip + noise, and the same 0.2 s polling; round 1 is timed the same way.
+fp32 updates, with three client processes over the same transport (the default,
+``auto``), the same clip + noise, and the same held task requests
+(:mod:`secure_xfl.services.long_poll`) and 0.2 s re-polls; round 1 is timed the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from secure_xfl.bench.transport import _provision, _tls
 from secure_xfl.config import KitConfig
 from secure_xfl.crypto import pki
 from secure_xfl.privacy.dp import DPConfig, privatize
+from secure_xfl.services.long_poll import LongPoll
 from secure_xfl.transport import RpcServer, TransportConfig
 from secure_xfl.transport.dial import dial
 
@@ -136,13 +138,18 @@ def _plain_server(directory: str, numel: int, ports: Any, result: Any) -> None:
         done = asyncio.Event()
         times: list[float] = []
 
+        poll = LongPoll(asyncio.Lock())  # held task requests, as the aggregator's
+
+        def task(rnd: int) -> tuple[bytes, bool]:
+            if state["round"] > 1 or rnd >= state["round"] + 1:
+                return b"W", True
+            head = int(state["round"]).to_bytes(4, "big")
+            return b"R" + head + params.astype(np.float32).tobytes(), False
+
         async def handle(_peer: pki.PeerIdentity, data: bytes) -> bytes:
             op, rnd = data[:1], int.from_bytes(data[1:5], "big")
             if op == b"T":  # task: the model for the current round, or wait
-                if state["round"] > 1 or rnd >= state["round"] + 1:
-                    return b"W"
-                head = int(state["round"]).to_bytes(4, "big")
-                return b"R" + head + params.astype(np.float32).tobytes()
+                return await poll.answer(lambda: task(rnd))
             acc[:] += np.frombuffer(data, dtype=np.float32, offset=5)
             state["count"] += 1
             if state["count"] == len(CLIENTS):
@@ -153,6 +160,7 @@ def _plain_server(directory: str, numel: int, ports: Any, result: Any) -> None:
                 state.update(round=state["round"] + 1, count=0, opened=now)
                 if state["round"] == 2:
                     done.set()
+                poll.moved()
             return b"A"
 
         server = RpcServer(

@@ -50,6 +50,7 @@ from secure_xfl.services.aggregator_state import (
     round_line,
     until_stop,
 )
+from secure_xfl.services.long_poll import LongPoll
 from secure_xfl.services.runtime import (
     GaveUp,
     Peer,
@@ -109,6 +110,7 @@ class AggregatorService:
         self.out_dir = out_dir
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()  # an input arrived: the round may be due now
+        self._poll = LongPoll(self._lock)  # task/cohort waits answered when the state moves
         self._done_seen: set[str] = set()
         self._held = False  # True while the open round's checkpoint is not durable yet
         self._resend: DecryptRequest | None = None  # a pending aggregate found on resume
@@ -161,48 +163,57 @@ class AggregatorService:
         name = peer.name
         if name not in self._certs:
             self.refresh_enrolment()  # a client added after start-up
+        if msg["t"] == "task":
+            after = messages.require(msg, "after", int, lo=-1, hi=2**31)
+            attempt = messages.require(msg, "attempt", int, lo=0, hi=2**31, optional=True)
+            attempt = 1 << 30 if attempt is None else attempt
+            return await self._poll.answer(lambda: self._task(name, after, attempt))
+        if msg["t"] == "cohort":
+            rnd = messages.require(msg, "round", int, lo=0, hi=2**31)
+            epoch = messages.require(msg, "epoch", int, lo=0, hi=1_000_000)
+            return await self._poll.answer(lambda: self._members(name, rnd, epoch))
         async with self._lock:
             if msg["t"] == "hello":
                 return messages.encode("welcome", **self.core.hello(name))
-            if msg["t"] == "task":
-                after = messages.require(msg, "after", int, lo=-1, hi=2**31)
-                attempt = messages.require(msg, "attempt", int, lo=0, hi=2**31, optional=True)
-                return self._task(name, after, 1 << 30 if attempt is None else attempt)
             rnd = messages.require(msg, "round", int, lo=0, hi=2**31)
             if msg["t"] == "decline":
                 reason = messages.require(msg, "reason", str)[:64]
                 detail = messages.require(msg, "detail", str)[:512]
                 self.core.decline(name, rnd, reason, detail, time.monotonic())
-                self._wake.set()
+                self._poke()
                 return messages.encode("ack", round=rnd, accepted=False)
-            if msg["t"] in ("mask_key", "cohort"):
-                return self._masking(name, rnd, msg)
+            if msg["t"] == "mask_key":
+                epoch = messages.require(msg, "epoch", int, lo=0, hi=1_000_000)
+                self.core.mask_key(name, rnd, epoch, messages.require(msg, "key", list))
+                self._poke()  # the cohort may be complete now
+                return messages.encode("ack", round=rnd, accepted=True)
             blob = messages.require(msg, "update", bytes)
             rate = messages.require(msg, "throughput", float, lo=0, hi=1e12, optional=True)
             ack = await asyncio.to_thread(self.core.upload, name, rnd, blob, rate)
-            self._wake.set()
+            self._poke()
             return messages.encode("ack", round=ack.round, accepted=True, count=ack.count)
 
-    def _masking(self, name: str, rnd: int, msg: dict[str, Any]) -> bytes:
-        epoch = messages.require(msg, "epoch", int, lo=0, hi=1_000_000)
-        if msg["t"] == "mask_key":
-            self.core.mask_key(name, rnd, epoch, messages.require(msg, "key", list))
-            self._wake.set()  # the cohort may be complete now
-            return messages.encode("ack", round=rnd, accepted=True)
+    def _poke(self) -> None:
+        """An input arrived or the state moved: wake the round loop and held requests."""
+        self._wake.set()
+        self._poll.moved()
+
+    def _members(self, name: str, rnd: int, epoch: int) -> tuple[bytes, bool]:
         members = self.core.members(name, rnd, epoch)
         if members is None:
-            return messages.encode("wait", retry_s=0.05)
-        return messages.encode("members", round=rnd, epoch=epoch, members=members)
+            return messages.encode("wait", retry_s=0.05), True
+        return messages.encode("members", round=rnd, epoch=epoch, members=members), False
 
-    def _task(self, name: str, after: int, attempt: int) -> bytes:
+    def _task(self, name: str, after: int, attempt: int) -> tuple[bytes, bool]:
         if self._held:  # the round is open in memory only: offer it once it is durable
-            return messages.encode("wait", retry_s=1.0)
+            return messages.encode("wait", retry_s=1.0), True
         out = self.core.task(name, after, time.monotonic(), attempt)
         if isinstance(out, Finished):
             self._done_seen.add(name)
-            return messages.encode("done", reason=out.reason, rounds=out.rounds, ok=out.ok)
+            reply = messages.encode("done", reason=out.reason, rounds=out.rounds, ok=out.ok)
+            return reply, False
         if isinstance(out, Wait):
-            return messages.encode("wait", retry_s=out.retry_s)
+            return messages.encode("wait", retry_s=out.retry_s), True
         reply = messages.encode(
             "round",
             round=out.plan.round,
@@ -213,7 +224,7 @@ class AggregatorService:
         )
         self.core.note_download(len(reply))
         self._wake.set()  # the deadline now runs from this first hand-out
-        return reply
+        return reply, False
 
     # -- the key holder ----------------------------------------------------------------
     async def _with_keyholder(
@@ -253,12 +264,8 @@ class AggregatorService:
                 return  # stopped: the pending aggregate is re-sent after the restart
             failpoints.hit("aggregator.after_release", req.round)
             vec = messages.unpack_vector(reply.get("vector"), core.layout.numel)
-            info = {
-                "participants": reply.get("participants"),
-                "noise_multiplier": reply.get("noise_multiplier"),
-                "epsilon": reply.get("epsilon"),
-                "total_weight": reply.get("total_weight"),
-            }
+            keys = ("participants", "noise_multiplier", "epsilon", "total_weight")
+            info = {k: reply.get(k) for k in keys}
             async with self._lock:
                 self._held = True
                 now = time.monotonic()
@@ -328,7 +335,7 @@ class AggregatorService:
         async with self._lock:
             self.core.reopen_clock(time.monotonic())
             self._held = False
-        self._wake.set()
+        self._poke()
         return True
 
     def _log_round(self, rec: RoundRecord) -> None:
@@ -358,6 +365,7 @@ class AggregatorService:
             async with self._lock:
                 req = core.handle_timer(time.monotonic())
                 deadline = core.next_deadline()
+            self._poll.moved()  # a timer may have fixed a cohort or closed the round
             if req is not None:
                 await self._decrypt(req, stop, fresh=True)
             elif deadline is not None:  # None: handle_timer just ended the run
