@@ -229,7 +229,7 @@ def plaintext_round(numel: int) -> float:
 
 
 def run(
-    numel: int = 1_000_000, presets: tuple[str, ...] = ("xfl-default", "xfl-packed")
+    numel: int = 1_000_000, presets: tuple[str, ...] = ("xfl-default", "xfl-packed", "bfv-lanes")
 ) -> list[Row]:
     """One row per protected preset against the plaintext round."""
     plain = plaintext_round(numel)

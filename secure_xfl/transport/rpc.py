@@ -34,7 +34,7 @@ from secure_xfl.transport.errors import (
 from secure_xfl.transport.framing import STATUS_ERROR, STATUS_OK, decode_response, encode_error
 from secure_xfl.transport.limits import BufferBudget, Limits
 from secure_xfl.transport.parts import PART_TYPE, Reassembler
-from secure_xfl.transport.server import BatchingQuicServer, ServerProtocol
+from secure_xfl.transport.server import BatchingQuicServer, ServerProtocol, quic_connections_of
 from secure_xfl.transport.streams import ERR_BUSY, ERR_CANCELLED, MessageProtocol
 from secure_xfl.transport.tcp import TlsRpcServer
 from secure_xfl.transport.udp import UdpBatcher
@@ -146,6 +146,7 @@ class RpcServer:
                 tls=self.tls, allowed_roles=self._policy.allowed_roles, handler=self.handler,
                 config=self.config, max_message_bytes=self.max_message_bytes,
                 limit_for=self.limit_for, budget=self.budget, typed=self.limits is not None,
+                sibling=lambda peer: quic_connections_of(self._connections, peer),
             )  # fmt: skip
             tcp.crl = self._crl
             try:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from aioquic.asyncio.server import QuicServer
@@ -34,6 +34,7 @@ from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicErrorCode
 
+from secure_xfl.crypto.pki import PeerIdentity
 from secure_xfl.transport import mtls
 from secure_xfl.transport.errors import (
     MalformedRequest,
@@ -69,6 +70,17 @@ _STOP_CODES: dict[type[TransportError], int] = {
     ServerBusy: ERR_BUSY,
     MalformedRequest: ERR_PROTOCOL,
 }
+
+
+def quic_connections_of(
+    connections: Iterable[ServerProtocol], peer: PeerIdentity, besides: object = None
+) -> int:
+    """Admitted, open QUIC connections of ``peer`` (other than ``besides``)."""
+    return sum(
+        1
+        for c in connections
+        if c is not besides and c.admitted and c.closed_error is None and c.peer == peer
+    )
 
 
 class ServerProtocol(MessageProtocol):
@@ -110,11 +122,10 @@ class ServerProtocol(MessageProtocol):
             self.close(QuicErrorCode.PROTOCOL_VIOLATION, "unauthenticated")
             return False
         cap = self.config.max_connections_per_peer
-        others = sum(
-            1
-            for c in self.server._connections
-            if c is not self and c.admitted and c.closed_error is None and c.peer == peer
-        )
+        # One cap per peer across both transports (its TLS/TCP connections count too).
+        tcp = self.server.tcp
+        others = quic_connections_of(self.server._connections, peer, besides=self)
+        others += tcp.connections_of(peer) if tcp is not None else 0
         if others >= cap:
             self.log.warning(
                 "[peer=%s] connection refused: %d already open (max_connections_per_peer=%d)",

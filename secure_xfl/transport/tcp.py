@@ -27,7 +27,7 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -156,8 +156,11 @@ class TlsRpcServer:
         limit_for: Any,
         budget: BufferBudget,
         typed: bool = True,
+        sibling: Callable[[PeerIdentity], int] | None = None,
     ) -> None:
         self.tls, self.roles, self.handler = tls, frozenset(allowed_roles), handler
+        # Connections a peer holds on the server's other transport: the cap is per peer.
+        self.sibling = sibling
         self.config, self.typed = config, typed
         self.max_message_bytes, self.limit_for, self.budget = max_message_bytes, limit_for, budget
         self.crl = tls.load_crl()
@@ -165,6 +168,10 @@ class TlsRpcServer:
         self._server: asyncio.Server | None = None
         self._peers: dict[PeerIdentity, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def connections_of(self, peer: PeerIdentity) -> int:
+        """Admitted TLS/TCP connections ``peer`` holds open."""
+        return self._peers.get(peer, 0)
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port``; returns the bound port."""
@@ -220,7 +227,8 @@ class TlsRpcServer:
                                                   f"peer certificate refused: {exc.reason}",
                                                   exc.reason))  # fmt: skip
             return None
-        if self._peers.get(peer, 0) >= self.config.max_connections_per_peer:
+        held = self.connections_of(peer) + (self.sibling(peer) if self.sibling else 0)
+        if held >= self.config.max_connections_per_peer:
             log.warning("[peer=%s] connection refused: max_connections_per_peer", peer)
             await self._send(
                 stream, encode_error("too_many_connections", "too many connections from this peer")

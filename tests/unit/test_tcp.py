@@ -288,6 +288,51 @@ def test_connections_beyond_max_connections_per_peer_are_refused() -> None:
     assert run(main) == ["too_many_connections", "ok", "ok", "ok"]
 
 
+@pytest.mark.parametrize("first", ["quic", "tls"])
+def test_the_per_peer_cap_counts_both_transports(first: str) -> None:
+    """A peer at its cap on one transport is refused on the other: the cap is per peer,
+    not per transport (or a client could hold twice ``max_connections_per_peer``)."""
+    config = TransportConfig(handshake_timeout_s=3, stream_timeout_s=3, max_connections_per_peer=2)
+    kinds = {"quic": RpcClient, "tls": TlsRpcClient}
+    other = "tls" if first == "quic" else "quic"
+
+    def make(kind: str, name: str = "mallory") -> Any:
+        return kinds[kind](tls=identity(name), server_role="aggregator", host="127.0.0.1",
+                           port=port, config=config)  # fmt: skip
+
+    async def main() -> list[str]:
+        nonlocal port
+        server = RpcServer(tls=identity("agg", "aggregator"), allowed_roles=["client"],
+                           handler=Handler(), config=config)  # fmt: skip
+        port = await server.start("127.0.0.1", 0)
+        held = [make(first), make(first)]
+        out: list[str] = []
+        try:
+            for c in held:
+                await c.connect()
+            with pytest.raises(TooManyConnections) as info:
+                await make(other).connect()
+            out.append(info.value.code)
+            async with make(other, "alice") as c:  # another identity is not affected
+                out.append(await outcome(c.call(msg("hello"), timeout=5)))
+            await held.pop().close()
+            for _ in range(50):  # the server hears the close and frees the slot
+                try:
+                    async with make(other) as c:
+                        out.append(await outcome(c.call(msg("hello"), timeout=5)))
+                    break
+                except TooManyConnections:
+                    await asyncio.sleep(0.1)
+        finally:
+            for c in held:
+                await c.close()
+            await server.close()
+        return out
+
+    port = 0
+    assert run(main) == ["too_many_connections", "ok", "ok"]
+
+
 # --------------------------------------------------------------------- slow and idle peers
 
 
