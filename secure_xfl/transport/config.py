@@ -120,8 +120,9 @@ class TransportConfig:
     peer checks; servers always listen on both, on the same port number."""
     prefer: Literal["tls", "quic"] = "tls"
     """``auto``: the transport tried first. TLS/TCP by measurement (BENCHMARKS.md, "WAN"):
-    it delivered 2–5× QUIC's goodput on loopback and at 50 ms RTT, and ~50× at 1 % loss
-    (aioquic's Reno), so QUIC is the fallback where TCP does not get through."""
+    it delivered 2–5× QUIC's goodput on loopback and at 50 ms RTT, and 1.09× at 50 ms
+    with 1 % loss (QUIC with ``bbr``), so QUIC is the fallback where TCP does not get
+    through."""
     fallback_after_s: float = 3.0
     """``auto``: seconds the first transport's handshake may take before the other is
     tried."""

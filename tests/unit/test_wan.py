@@ -151,6 +151,21 @@ def test_quic_runs_at_the_default_datagram_size_and_at_1452() -> None:
     assert (("ours-tls", 0) in wan.kinds()) == wan.has_ours_tls()
 
 
+def test_every_congestion_controller_and_parallel_widths_are_measured() -> None:
+    from secure_xfl.bench.wan_ends import KINDS, quic_kind
+
+    names = [k for k, _ in wan.kinds()]
+    assert set(names) <= set(KINDS)
+    default_cc = TransportConfig().congestion_control
+    controllers = {quic_kind(k)[0] for k in names if k.startswith("quic")}
+    assert controllers == {"reno", "cubic", "bbr"} and quic_kind("quic") == (default_cc, 1)
+    widths = {quic_kind(k)[1] for k in names if k.startswith("quic")}
+    assert widths == {1, 2, 4}
+    assert quic_kind("quic-reno-x4") == ("reno", 4)
+    # Reno's parallel rows are the ones a per-connection window limits (lossy path).
+    assert any(quic_kind(k) == ("reno", 2) for k in names)
+
+
 def test_bench_rows_say_why_they_skip(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wan, "unavailable", lambda: "needs root (test)")
     rows = wan.bench_rows(2)
