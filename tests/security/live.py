@@ -223,10 +223,13 @@ async def hear_done(client: RpcClient | TlsRpcClient, after: int, attempt: int =
         await asyncio.sleep(0.5)
 
 
-def connect(kit: Kit, server_role: str, port: int) -> RpcClient | TlsRpcClient:
-    """A client with the kit's real certificate over the kit's transport (TLS/TCP when
-    its ``protocol`` is ``tls``, else QUIC; use as ``async with``)."""
-    cls = TlsRpcClient if kit.config.transport.protocol == "tls" else RpcClient
+def connect(
+    kit: Kit, server_role: str, port: int, protocol: str | None = None
+) -> RpcClient | TlsRpcClient:
+    """A client with the kit's real certificate over ``protocol``, by default the kit's
+    transport (TLS/TCP when its ``protocol`` is ``tls``, else QUIC; use as ``async with``)."""
+    protocol = protocol or kit.config.transport.protocol
+    cls = TlsRpcClient if protocol == "tls" else RpcClient
     return cls(
         tls=kit.tls,
         server_role=server_role,

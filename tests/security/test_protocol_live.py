@@ -190,7 +190,10 @@ def test_stalled_truncated_and_oversized_streams_at_both_servers(tmp_path: Path)
 
     async def probe(kit: Kit, role: str, port: int, valid: bytes, hello: bytes) -> dict[str, str]:
         out: dict[str, str] = {}
-        async with live.connect(kit, role, port) as c:
+        # QUIC explicitly, whatever the kit's transport: the probes drive QUIC streams
+        # (the TLS/TCP stalls are tests/unit/test_tcp.py's); servers listen on both.
+        async with live.connect(kit, role, port, protocol="quic") as c:
+            assert isinstance(c, RpcClient)
             out["stalled"] = await _stall(c, valid[: len(valid) // 2], stall_after * 4)
             await _reset_midway(c, valid[: len(valid) // 2])
             out["truncated"] = (await live.call(c, valid[: len(valid) // 2])).code
