@@ -24,12 +24,15 @@ Parts travel over QUIC or TLS/TCP alike (the reassembly sits above the transport
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
 import logging
 import multiprocessing as mp
 import os
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +43,7 @@ from secure_xfl.transport.config import TlsIdentity, TransportConfig
 from secure_xfl.transport.errors import MalformedRequest, MessageTooLarge, ServerBusy
 from secure_xfl.transport.limits import BufferBudget, peek_type
 
-__all__ = ["MAX_PARTS", "PART_TYPE", "Reassembler", "parallel_call", "split"]
+__all__ = ["MAX_PARTS", "PART_TYPE", "Reassembler", "parallel_call", "shutdown_pools", "split"]
 
 log = logging.getLogger("secure_xfl.transport.parts")
 
@@ -203,6 +206,28 @@ def _send_part(
         return "error", b"", f"{type(exc).__name__}: {exc}", "", None
 
 
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """This process's ``workers`` part senders: started on the first parallel call (a
+    spawned interpreter costs ~1 s) and kept for the next; shut down at exit."""
+    pool = _POOLS.get(workers)
+    if pool is None:
+        if not _POOLS:
+            atexit.register(shutdown_pools)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+        _POOLS[workers] = pool
+    return pool
+
+
+def shutdown_pools() -> None:
+    """Stop the part-sender processes (also run at exit)."""
+    while _POOLS:
+        _, pool = _POOLS.popitem()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 async def parallel_call(
     *,
     tls: TlsIdentity,
@@ -216,8 +241,6 @@ async def parallel_call(
 ) -> bytes:
     """Send ``payload`` as ``workers`` parts over as many connections in worker processes;
     returns the reply of the reassembled request (raw reply bytes, status byte first)."""
-    from concurrent.futures import ProcessPoolExecutor
-
     from secure_xfl.transport.errors import RemoteError, TransportError
 
     paths = (tls.cert, tls.key, tls.ca_cert)
@@ -228,12 +251,16 @@ async def parallel_call(
     files = (cert, key, ca, tls.federation, crl)
     parts = split(payload, workers)
     loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+    pool = _pool(workers)
+    try:
         results = await asyncio.gather(*(
             loop.run_in_executor(pool, _send_part, files, server_role, host, port, config, p,
                                  protocol)
             for p in parts
         ))  # fmt: skip
+    except BrokenProcessPool as exc:  # a worker died: the next call starts a fresh pool
+        _POOLS.pop(workers, None)
+        raise TransportError(f"a parallel worker died: {exc}") from exc
     replies = []
     for status, body, code, message, reason in results:
         if status == "remote":

@@ -16,7 +16,7 @@ import msgpack
 import pytest
 
 from secure_xfl.crypto import pem, pki
-from secure_xfl.transport import RpcServer, TlsIdentity, TransportConfig
+from secure_xfl.transport import RpcServer, TlsIdentity, TransportConfig, parts
 from secure_xfl.transport.errors import MalformedRequest, MessageTooLarge, ServerBusy
 from secure_xfl.transport.limits import BufferBudget
 from secure_xfl.transport.parts import PART_ACK, Reassembler, parallel_call, split
@@ -163,7 +163,7 @@ def test_the_reassembled_request_obeys_its_own_types_limit() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_two_workers_send_one_request_over_two_real_connections(tmp_path: Path) -> None:
+def test_two_workers_send_requests_and_are_kept_for_the_next(tmp_path: Path) -> None:
     ca, ca_key = pki.create_ca("f")
     pem.write_certificate(tmp_path / "ca.pem", ca)
 
@@ -182,21 +182,34 @@ def test_two_workers_send_one_request_over_two_real_connections(tmp_path: Path) 
         sizes.append(len(payload))
         return hashlib.sha256(payload).digest()
 
-    async def main() -> bytes:
+    workers_seen: list[set[int]] = []
+
+    async def main() -> list[bytes]:
         cfg = TransportConfig(handshake_timeout_s=20.0)
         server = RpcServer(tls=ident("aggregator", "agg"), allowed_roles=["client"],
                            handler=handler, config=cfg,
                            limits=lambda t: {"upload": 4 << 20}[t],
                            parallel_types=("upload",))  # fmt: skip
         port = await server.start("127.0.0.1", 0)
+        out = []
         try:
-            return await parallel_call(tls=ident("client", "c"), server_role="aggregator",
-                                       host="127.0.0.1", port=port, config=cfg,
-                                       payload=payload, workers=2)  # fmt: skip
+            for payload in payloads:
+                out.append(await parallel_call(tls=ident("client", "c"),
+                                               server_role="aggregator", host="127.0.0.1",
+                                               port=port, config=cfg, payload=payload,
+                                               workers=2))  # fmt: skip
+                workers_seen.append(set(parts._POOLS[2]._processes))  # type: ignore[arg-type]
         finally:
             await server.close()
+        return out
 
-    payload = _upload(2_000_000)
-    assert asyncio.run(main()) == hashlib.sha256(payload).digest()
-    assert sizes == [len(payload)]  # one request reached the application, whole
-    assert peers == [pki.PeerIdentity("f", "client", "c")]
+    payloads = [_upload(2_000_000), _upload(1_500_000)]
+    try:
+        assert asyncio.run(main()) == [hashlib.sha256(p).digest() for p in payloads]
+    finally:
+        parts.shutdown_pools()
+    assert sizes == [len(p) for p in payloads]  # each reached the application once, whole
+    assert peers == [pki.PeerIdentity("f", "client", "c")] * 2
+    # The second call ran on the same two worker processes: no new interpreters.
+    assert len(workers_seen[0]) == 2 and workers_seen[0] == workers_seen[1]
+    assert not parts._POOLS
