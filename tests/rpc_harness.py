@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from secure_xfl.crypto import pki
 from secure_xfl.transport import RpcClient, RpcServer, TlsIdentity, TransportConfig
@@ -57,3 +58,19 @@ class Harness:
                 await server.close()
 
         asyncio.run(main())
+
+
+async def call_once_a_slot_frees(
+    make: Callable[[], Any], payload: bytes, outcome: Callable[[Any], Awaitable[str]]
+) -> str:
+    """Connect with ``make()`` until the server has freed a connection slot (it hears a
+    close a moment after it happens), send ``payload`` and return ``outcome`` of the call."""
+    from secure_xfl.transport import TooManyConnections
+
+    for _ in range(50):
+        try:
+            async with make() as c:
+                return await outcome(c.call(payload, timeout=5))
+        except TooManyConnections:
+            await asyncio.sleep(0.1)
+    raise AssertionError("the server never freed a connection slot")

@@ -30,7 +30,7 @@ from secure_xfl.transport.dial import dial
 from secure_xfl.transport.framing import decode_response
 from secure_xfl.transport.limits import PREFIX_BYTES, BufferBudget
 from secure_xfl.transport.tcp import TlsRpcClient, TlsRpcServer
-from tests.rpc_harness import Harness
+from tests.rpc_harness import Harness, call_once_a_slot_frees
 
 pytestmark = pytest.mark.timeout(60)
 T = TypeVar("T")
@@ -274,13 +274,8 @@ def test_connections_beyond_max_connections_per_peer_are_refused() -> None:
                 out.append(await honest(port))  # another identity is not affected
                 out.append(await outcome(second.call(msg("hello"), timeout=5)))
                 await first.close()
-                for _ in range(50):  # the server hears the close and frees the slot
-                    try:
-                        async with client(port, config=config) as again:
-                            out.append(await outcome(again.call(msg("hello"), timeout=5)))
-                        break
-                    except TooManyConnections:
-                        await asyncio.sleep(0.1)
+                again = lambda: client(port, config=config)  # noqa: E731
+                out.append(await call_once_a_slot_frees(again, msg("hello"), outcome))
             finally:
                 await second.close()
         return out
@@ -316,13 +311,7 @@ def test_the_per_peer_cap_counts_both_transports(first: str) -> None:
             async with make(other, "alice") as c:  # another identity is not affected
                 out.append(await outcome(c.call(msg("hello"), timeout=5)))
             await held.pop().close()
-            for _ in range(50):  # the server hears the close and frees the slot
-                try:
-                    async with make(other) as c:
-                        out.append(await outcome(c.call(msg("hello"), timeout=5)))
-                    break
-                except TooManyConnections:
-                    await asyncio.sleep(0.1)
+            out.append(await call_once_a_slot_frees(lambda: make(other), msg("hello"), outcome))
         finally:
             for c in held:
                 await c.close()

@@ -31,7 +31,7 @@ from secure_xfl.transport.framing import decode_response
 from secure_xfl.transport.limits import PREFIX_BYTES, Limits, limits_table, peek_type
 from secure_xfl.transport.server import ServerProtocol
 from secure_xfl.transport.streams import ERR_TIMEOUT, Inbound
-from tests.rpc_harness import Harness
+from tests.rpc_harness import Harness, call_once_a_slot_frees
 
 pytestmark = pytest.mark.timeout(60)
 HARNESS = Harness("fed-limits")
@@ -304,13 +304,9 @@ def test_connections_beyond_max_connections_per_peer_are_closed(
                 out.append(await honest(port))  # another identity is not affected
                 out.append(await code_of(second.call(msg("hello"), timeout=5)))
                 await first.close()
-                for _ in range(50):  # the server hears the close and frees the slot
-                    try:
-                        async with client(port) as again:
-                            out.append(await code_of(again.call(msg("hello"), timeout=5)))
-                        break
-                    except TooManyConnections:
-                        await asyncio.sleep(0.1)
+                out.append(
+                    await call_once_a_slot_frees(lambda: client(port), msg("hello"), code_of)
+                )
             finally:
                 await second.close()
         return out
