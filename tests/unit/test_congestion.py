@@ -93,7 +93,11 @@ def test_fills_a_clean_path_and_keeps_about_two_bdp_in_flight() -> None:
 
 
 def test_random_loss_does_not_collapse_it_where_reno_does() -> None:
-    ours, _ = simulate(NAME, loss=0.01)
+    ours, cc = simulate(NAME, loss=0.01)
+    # Its state is bounded by what is in flight and a fixed number of round trips.
+    assert isinstance(cc, ModelCongestionControl)
+    assert len(cc._sent) <= cc.bytes_in_flight // MDS + 1
+    assert len(cc._rates) <= 10
     reno, _ = simulate("reno", loss=0.01)
     assert ours > 0.85 * 12.5e6
     # Reno sits near the Mathis bound, MSS/RTT * 1.22/sqrt(p) = 0.35 MB/s.
