@@ -106,7 +106,7 @@ class TransportConfig:
     """QUIC congestion controller: ``bbr`` (``transport/congestion.py``), a delivery-rate
     x min-RTT window that random loss does not shrink, or aioquic's ``reno`` or
     ``cubic``, which halve their window on every loss: at 50 ms RTT and 1 % loss they
-    move 0.3–0.4 MB/s against ``bbr``'s 18 (BENCHMARKS.md, "WAN"). Like TCP BBR it
+    move 0.3–0.4 MB/s against ``bbr``'s 23 (BENCHMARKS.md, "WAN"). Like TCP BBR it
     yields less to loss-based flows on a shared bottleneck; pick ``cubic`` to share
     a congested link politely."""
     socket_buffer_bytes: int = 4 << 20

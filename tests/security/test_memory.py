@@ -148,7 +148,9 @@ async def attack(kit: Kit, port: int) -> Counter[str]:
     seen: Counter[str] = Counter()
     clients: list[RpcClient] = []
     for _ in range(CONNECTIONS):
-        c = live.connect(kit, "aggregator", port)
+        # QUIC whatever the kit's transport: the flood drives QUIC streams directly.
+        c = live.connect(kit, "aggregator", port, protocol="quic")
+        assert isinstance(c, RpcClient)
         try:
             await c.connect()
             clients.append(c)
