@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aioquic.quic import events
@@ -24,6 +24,7 @@ from secure_xfl.services.runtime import (
     failure_cause,
 )
 from secure_xfl.transport import RpcServer, TransportConfig
+from secure_xfl.transport.dial import _open
 from secure_xfl.transport.errors import (
     CallTimeout,
     ConnectionClosed,
@@ -176,13 +177,8 @@ def _peer(script: list[Any], deadline: float = 3.0) -> tuple[Peer, FakeTime, lis
     )
 
     async def fake_dial(timeout: float) -> FakeClient:
-        client = FakeClient(script, t, log)  # connected as dial() does, closed on failure
-        try:
-            await client.connect(timeout=timeout)
-        except BaseException:
-            await client.close()
-            raise
-        return client
+        # Connected as dial() does, and closed on failure: the same _open.
+        return cast(FakeClient, await _open(FakeClient(script, t, log), timeout))  # type: ignore[arg-type]
 
     peer._dial = fake_dial  # type: ignore[assignment,method-assign]
     return peer, t, log
