@@ -19,7 +19,7 @@ from secure_xfl.transport.errors import HandshakeFailed, TooManyConnections
 from secure_xfl.transport.rpc import RpcClient
 from secure_xfl.transport.tcp import TlsRpcClient
 
-__all__ = ["Client", "dial"]
+__all__ = ["Client", "client_for", "dial"]
 
 log = logging.getLogger("secure_xfl.transport.dial")
 
@@ -27,9 +27,10 @@ Client = RpcClient | TlsRpcClient
 Protocol = Literal["quic", "tls"]
 
 
-def _client(
-    protocol: Protocol, tls: TlsIdentity, role: str, host: str, port: int, cfg: TransportConfig
+def client_for(
+    protocol: str, tls: TlsIdentity, role: str, host: str, port: int, cfg: TransportConfig
 ) -> Client:
+    """An unconnected client over TLS/TCP when ``protocol`` is ``tls``, else QUIC."""
     if protocol == "tls":
         return TlsRpcClient(tls=tls, server_role=role, host=host, port=port, config=cfg)
     return RpcClient(tls=tls, server_role=role, host=host, port=port, config=cfg)
@@ -58,12 +59,12 @@ async def dial(
     and use this transport, e.g. the one that worked last time)."""
     protocol = prefer or config.protocol
     if protocol in ("quic", "tls"):
-        return await _open(_client(protocol, tls, server_role, host, port, config), timeout)
+        return await _open(client_for(protocol, tls, server_role, host, port, config), timeout)
     first: Protocol = config.prefer
     second: Protocol = "quic" if first == "tls" else "tls"
     wait = config.fallback_after_s if timeout is None else min(config.fallback_after_s, timeout)
     try:
-        return await _open(_client(first, tls, server_role, host, port, config), wait)
+        return await _open(client_for(first, tls, server_role, host, port, config), wait)
     except TooManyConnections:
         raise
     except HandshakeFailed as exc:
@@ -75,7 +76,7 @@ async def dial(
     log.warning("no %s handshake with %s at %s:%d within %.1f s (%s): falling back to %s",
                 _NAMES[first], server_role, host, port, wait, why, _NAMES[second])  # fmt: skip
     rest = None if timeout is None else max(0.1, timeout - wait)
-    return await _open(_client(second, tls, server_role, host, port, config), rest)
+    return await _open(client_for(second, tls, server_role, host, port, config), rest)
 
 
 _NAMES = {"quic": "QUIC", "tls": "TLS/TCP"}

@@ -186,16 +186,14 @@ def _send_part(
 ) -> tuple[str, bytes, str, str, str | None]:
     """Worker process: one connection, one part. Returns ("ok", body, …) or
     ("remote", b"", code, message, reason) or ("error", b"", text, "", None)."""
+    from secure_xfl.transport.dial import client_for
     from secure_xfl.transport.errors import RemoteError
-    from secure_xfl.transport.rpc import RpcClient
-    from secure_xfl.transport.tcp import TlsRpcClient
 
     cert, key, ca, federation, crl = files
     tls = TlsIdentity(cert=cert, key=key, ca_cert=ca, federation=federation, crl_path=crl)
 
     async def go() -> bytes:
-        cls: Any = TlsRpcClient if protocol == "tls" else RpcClient
-        async with cls(tls=tls, server_role=role, host=host, port=port, config=config) as c:
+        async with client_for(protocol, tls, role, host, port, config) as c:
             return bytes(await c.call(part))
 
     try:

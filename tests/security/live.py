@@ -33,6 +33,7 @@ from secure_xfl.protocol.plan import RoundPlan
 from secure_xfl.services.aggregator import coordinator_settings
 from secure_xfl.services.client import client_policy
 from secure_xfl.training.trainer import RandomTrainer
+from secure_xfl.transport.dial import client_for
 from secure_xfl.transport.errors import RemoteError
 from secure_xfl.transport.rpc import RpcClient
 from secure_xfl.transport.tcp import TlsRpcClient
@@ -229,14 +230,7 @@ def connect(
     """A client with the kit's real certificate over ``protocol``, by default the kit's
     transport (TLS/TCP when its ``protocol`` is ``tls``, else QUIC; use as ``async with``)."""
     protocol = protocol or kit.config.transport.protocol
-    cls = TlsRpcClient if protocol == "tls" else RpcClient
-    return cls(
-        tls=kit.tls,
-        server_role=server_role,
-        host="127.0.0.1",
-        port=port,
-        config=kit.config.transport,
-    )
+    return client_for(protocol, kit.tls, server_role, "127.0.0.1", port, kit.config.transport)
 
 
 async def call_once(kit: Kit, server_role: str, port: int, payload: bytes) -> Outcome:
