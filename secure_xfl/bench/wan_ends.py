@@ -19,7 +19,7 @@ import inspect
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,69 +151,56 @@ async def _serve(
     await server.close()
 
 
+async def _timed(work: Awaitable[Any], timeout_s: float) -> tuple[Any, float] | None:
+    """``work``'s result and its seconds, or None when it ran past ``timeout_s``."""
+    start = time.perf_counter()
+    try:
+        result = await asyncio.wait_for(work, timeout_s)
+    except TimeoutError:
+        return None
+    return result, time.perf_counter() - start
+
+
 async def _send(
     kind: str, directory: Path, host: str, port: int, mds: int, size: int, timeout_s: float
 ) -> dict[str, Any]:
-    """Sender: one upload of ``size`` bytes, timed from the first byte written."""
+    """Sender: one upload of ``size`` bytes, timed from the first byte written (parallel
+    kinds: from the call, which includes connecting the workers)."""
     payload = upload_payload(size)
     if kind == "tls":
         ctx = _ssl_context(directory, "client", server=False)
         reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
-        start = time.perf_counter()
 
-        async def tcp_upload() -> int:
+        async def tcp_upload() -> bytes:
             view = memoryview(payload)
             writer.write(size.to_bytes(8, "big"))
             for offset in range(0, size, _CHUNK):
                 writer.write(view[offset : offset + _CHUNK])
                 await writer.drain()
-            return int.from_bytes(await reader.readexactly(8), "big")
+            return await reader.readexactly(8)
 
         try:
-            got = await asyncio.wait_for(tcp_upload(), timeout_s)
-        except TimeoutError:
-            return {"timed_out": True, "elapsed_s": time.perf_counter() - start}
+            done = await _timed(tcp_upload(), timeout_s)
         finally:
             writer.close()
-        elapsed = time.perf_counter() - start
     elif kind.startswith("quic") and quic_kind(kind)[1] > 1:
         from secure_xfl.transport.parts import parallel_call
 
         config = _config(kind, mds, timeout_s)
-        start = time.perf_counter()
-        try:
-            reply = await asyncio.wait_for(
-                parallel_call(
-                    tls=_tls(directory, "client"),
-                    server_role="aggregator",
-                    host=host,
-                    port=port,
-                    config=config,
-                    payload=payload,
-                    workers=config.upload_workers,
-                ),
-                timeout_s,
-            )
-        except TimeoutError:
-            return {"timed_out": True, "elapsed_s": time.perf_counter() - start}
-        elapsed = time.perf_counter() - start
-        got = int.from_bytes(reply, "big")
+        call = parallel_call(tls=_tls(directory, "client"), server_role="aggregator", host=host,
+                             port=port, config=config, payload=payload,
+                             workers=config.upload_workers)  # fmt: skip
+        done = await _timed(call, timeout_s)
     else:
         _, client_cls = _classes(kind)
-        async with client_cls(
-            tls=_tls(directory, "client"),
-            server_role="aggregator",
-            host=host,
-            port=port,
-            config=_config(kind, mds, timeout_s),
-        ) as client:
-            start = time.perf_counter()
-            try:
-                reply = await asyncio.wait_for(client.call(payload), timeout_s)
-            except TimeoutError:
-                return {"timed_out": True, "elapsed_s": time.perf_counter() - start}
-            elapsed = time.perf_counter() - start
-        got = int.from_bytes(reply, "big")
+        async with client_cls(tls=_tls(directory, "client"), server_role="aggregator",
+                              host=host, port=port,
+                              config=_config(kind, mds, timeout_s)) as client:  # fmt: skip
+            done = await _timed(client.call(payload), timeout_s)
+    if done is None:
+        return {"timed_out": True, "elapsed_s": timeout_s}
+    reply, elapsed = done
+    got = int.from_bytes(reply, "big")
     if got != size:
         raise RuntimeError(f"receiver acknowledged {got} of {size} bytes")
     return {"timed_out": False, "elapsed_s": elapsed, "mb_s": size / elapsed / 1e6}
